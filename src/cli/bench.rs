@@ -1,0 +1,203 @@
+//! `fitprune bench`: pruned vs unpruned prefill, time to first token and decode speed, side by
+//! side in one run, with the FLOPs model's prediction next to each measured ratio.
+
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use clap::Args;
+use image::{DynamicImage, RgbImage};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::engine::generate::{generate, GenerationParams};
+use crate::engine::sampling::SamplingParams;
+use crate::model::demo::{write_demo_model, DemoOptions, Preset};
+use crate::model::llava::LoadOptions;
+use crate::model::prompt::{ChatMessage, ContentPart};
+use crate::model::{source, LlavaModel, PreparedPrompt};
+use crate::pruning::calibrate::{calibrate, CalibrateOptions, Silent};
+use crate::pruning::flops::FlopsModel;
+use crate::pruning::PruneHook;
+
+use super::input::{parse_device, parse_dtype};
+
+/// Arguments of `bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model directory or hub id (default: a bench-preset demo model in the cache directory).
+    #[arg(long)]
+    model: Option<String>,
+    /// Demo preset to generate when --model is not given.
+    #[arg(long, value_enum, default_value = "bench")]
+    preset: Preset,
+    /// Budgets to compare (0 = unpruned baseline, always included).
+    #[arg(long, value_delimiter = ',', default_value = "0.3,0.5,0.7")]
+    budgets: Vec<f64>,
+    /// Synthetic calibration samples.
+    #[arg(long, default_value_t = 4)]
+    samples: usize,
+    /// Timed repetitions per budget (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Tokens decoded per repetition.
+    #[arg(long, default_value_t = 16)]
+    decode_tokens: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+/// Median and spread of repeated measurements.
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Stat {
+    fn of(mut xs: Vec<f64>) -> Self {
+        xs.sort_by(f64::total_cmp);
+        let n = xs.len();
+        let median = if n % 2 == 1 { xs[n / 2] } else { (xs[n / 2 - 1] + xs[n / 2]) / 2.0 };
+        Self { median, min: xs[0], max: xs[n - 1] }
+    }
+}
+
+/// A deterministic noise-and-gradient image, so prompts differ between samples.
+fn synthetic_image(seed: u64, size: u32) -> DynamicImage {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let img = RgbImage::from_fn(size, size + 37, |x, y| {
+        let n: u8 = rng.random_range(0..60);
+        image::Rgb([(x * 255 / size) as u8 ^ n, (y * 200 / size) as u8, n.wrapping_mul(3)])
+    });
+    DynamicImage::ImageRgb8(img)
+}
+
+const QUESTIONS: [&str; 4] = [
+    "What is in the image?",
+    "Describe the colours and shapes you can see.",
+    "Is there any text in this picture? Answer briefly.",
+    "Which object is closest to the camera?",
+];
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.reps == 0 || args.samples == 0 {
+        bail!("--reps and --samples must be positive");
+    }
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype, &device)?;
+    let dir = match &args.model {
+        Some(m) => source::resolve(Some(m))?.dir,
+        None => {
+            let dir = source::cache_dir().join(format!("bench-{:?}-seed0", args.preset).to_lowercase());
+            if !dir.join("model.safetensors").exists() {
+                eprintln!("writing a {:?} demo model (random weights) to {}", args.preset, dir.display());
+                write_demo_model(&dir, &DemoOptions { preset: args.preset, ..Default::default() })?;
+            }
+            dir
+        }
+    };
+    let model = LlavaModel::load(&dir, LoadOptions { device, dtype, pad_to_square: false })?;
+    let side = model.config().vision_config.image_size as u32;
+    let prompt_for = |i: usize| -> anyhow::Result<PreparedPrompt> {
+        let msg = ChatMessage {
+            role: "user".into(),
+            content: vec![ContentPart::Image, ContentPart::Text(QUESTIONS[i % QUESTIONS.len()].into())],
+        };
+        Ok(model.prepare(&[msg], &[synthetic_image(i as u64, side)])?)
+    };
+    let calib: Vec<PreparedPrompt> = (0..args.samples).map(|i| prompt_for(i + 1)).collect::<anyhow::Result<_>>()?;
+    let started = Instant::now();
+    let fitted = calibrate(&model, &calib, &CalibrateOptions { budgets: args.budgets.clone(), tolerance: 0.01 }, &mut Silent)?;
+    let c = fitted.counts;
+    eprintln!(
+        "calibrated {} budgets on {} synthetic samples in {:.1}s ({:.0} layer evaluations vs {} naive, {:.1}x fewer)",
+        args.budgets.len(),
+        args.samples,
+        started.elapsed().as_secs_f64(),
+        c.layers(),
+        c.naive_layers,
+        c.naive_layers as f64 / c.layers().max(1.0)
+    );
+
+    let prompt = prompt_for(0)?;
+    let flops = FlopsModel::from_config(&model.config().text_config);
+    let n = prompt.visual_tokens() as u64;
+    let text_rows = prompt.input_ids.len() as u64 - n;
+    let mut rows = vec![(0.0, vec![0; flops.layers])];
+    rows.extend(fitted.budgets.iter().filter(|b| b.alpha.is_some()).map(|b| (b.budget, b.deletions.clone())));
+
+    println!("model: {} | prompt {} tokens ({} visual) | {} reps, median [min..max]", dir.display(), prompt.input_ids.len(), n, args.reps);
+    println!(
+        "| budget | kept visual | FLOPs ratio (visual / whole prompt) | LLM prefill s | prefill ratio | ratio / FLOPs | TTFT s | decode tok/s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut base_prefill = None;
+    for (budget, deletions) in rows {
+        let visual_ratio = flops.pruned(n, &deletions) as f64 / flops.unpruned(n) as f64;
+        let prompt_ratio = prompt_flops(&flops, n, text_rows, &deletions) / prompt_flops(&flops, n, text_rows, &[]);
+        let mut prefill = Vec::new();
+        let mut ttft = Vec::new();
+        let mut decode = Vec::new();
+        let mut kept = n as usize;
+        let embeds = model.input_embeds(&prompt)?;
+        let positions: Vec<u32> = (0..prompt.input_ids.len() as u32).collect();
+        for rep in 0..=args.reps {
+            // LLM prefill alone: the decoder over precomputed embeddings. A hook with no
+            // deletions never asks for attention, so the baseline runs the plain path.
+            let mut hook = PruneHook::new(deletions.clone(), &prompt);
+            let mut cache = model.new_cache();
+            let t = Instant::now();
+            let out = model.llama().forward(&embeds, &positions, &mut cache, &mut hook)?;
+            model.llama().last_logits(&out.hidden)?.to_vec2::<f32>()?;
+            let prefill_s = t.elapsed().as_secs_f64();
+            kept = hook.visual_kept();
+            // End to end: vision tower, projector, prefill and the first token, then decoding.
+            let mut hook = PruneHook::new(deletions.clone(), &prompt);
+            let params = GenerationParams {
+                sampling: SamplingParams::default(),
+                max_tokens: args.decode_tokens,
+                stop: Vec::new(),
+            };
+            let t = Instant::now();
+            let mut first: Option<Duration> = None;
+            let g = generate(&model, &prompt, &params, &mut hook, &mut |_| {
+                first.get_or_insert(t.elapsed());
+                true
+            })?;
+            if rep == 0 {
+                continue; // warm-up
+            }
+            prefill.push(prefill_s);
+            ttft.push(first.unwrap_or(g.timings.prefill).as_secs_f64());
+            let steps = g.completion_tokens.saturating_sub(1).max(1);
+            decode.push(steps as f64 / g.timings.decode.as_secs_f64().max(1e-9));
+        }
+        let (p, t, d) = (Stat::of(prefill), Stat::of(ttft), Stat::of(decode));
+        let base = *base_prefill.get_or_insert(p.median);
+        let ratio = p.median / base;
+        println!(
+            "| {budget:.1} | {kept} | {visual_ratio:.3} / {prompt_ratio:.3} | {:.4} [{:.4}..{:.4}] | {ratio:.3} | {:.2} | {:.4} [{:.4}..{:.4}] | {:.1} [{:.1}..{:.1}] |",
+            p.median, p.min, p.max, ratio / prompt_ratio, t.median, t.min, t.max, d.median, d.min, d.max
+        );
+    }
+    Ok(())
+}
+
+/// FLOPs of the whole prompt (text rows included) under the same per-layer formulas.
+fn prompt_flops(f: &FlopsModel, visual: u64, text: u64, deletions: &[usize]) -> f64 {
+    let mut rows = visual + text;
+    let mut left = visual;
+    let mut total = 0u128;
+    for l in 0..f.layers {
+        total += f.qkv(rows) + f.attn(rows);
+        let d = (deletions.get(l).copied().unwrap_or(0) as u64).min(left);
+        left -= d;
+        rows -= d;
+        total += f.rest(rows);
+    }
+    total as f64
+}

@@ -1,0 +1,74 @@
+//! `fitprune demo-model`: writes a random-weight checkpoint.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+
+use crate::model::config::FeatureSelect;
+use crate::model::demo::{write_demo_model, DemoOptions, Preset};
+use crate::model::weights::TensorLayout;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Layout {
+    /// `language_model.model.*` as on the hub.
+    Hub,
+    /// `model.language_model.*` as transformers ≥ 4.52 saves.
+    Nested,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Select {
+    Default,
+    Full,
+}
+
+/// Arguments of `demo-model`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Output directory (created if needed).
+    dir: PathBuf,
+    /// Seed for all weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Size preset.
+    #[arg(long, value_enum, default_value = "tiny")]
+    preset: Preset,
+    /// Key/value heads of the decoder (GQA/MQA variants).
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    /// vision_feature_select_strategy.
+    #[arg(long, value_enum, default_value = "default")]
+    select_strategy: Select,
+    /// Tensor naming.
+    #[arg(long, value_enum, default_value = "hub")]
+    layout: Layout,
+    /// Number of safetensors shards (more than 1 writes an index).
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+}
+
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let opts = DemoOptions {
+        preset: args.preset,
+        seed: args.seed,
+        kv_heads: args.kv_heads,
+        select: match args.select_strategy {
+            Select::Default => FeatureSelect::Default,
+            Select::Full => FeatureSelect::Full,
+        },
+        layout: match args.layout {
+            Layout::Hub => TensorLayout::Hub,
+            Layout::Nested => TensorLayout::Nested,
+        },
+        shards: args.shards,
+    };
+    let s = write_demo_model(&args.dir, &opts)?;
+    println!(
+        "wrote a random-weight LLaVA demo checkpoint to {} ({:.1}M parameters, {} image tokens, vocab {})",
+        args.dir.display(),
+        s.parameters as f64 / 1e6,
+        s.image_tokens,
+        s.vocab_size
+    );
+    Ok(())
+}

@@ -1,0 +1,43 @@
+//! The `fitprune` command line: argument definitions and dispatch (each command in its own file).
+
+mod bench;
+mod calibrate;
+mod demo;
+mod generate;
+mod input;
+
+use clap::{Parser, Subcommand};
+
+pub use input::{load_image, parse_device, parse_dtype};
+
+/// fitprune: LLaVA inference with FitPrune visual-token pruning.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write a deterministic random-weight LLaVA checkpoint (tests, demos, benchmarks).
+    DemoModel(demo::DemoArgs),
+    /// Run one prompt (with images) end to end and print the answer.
+    Generate(generate::GenerateArgs),
+    /// Fit FitPrune recipes to FLOPs budgets from a calibration dataset.
+    Calibrate(calibrate::CalibrateArgs),
+    /// Measure pruned vs unpruned prefill, TTFT and decode speed side by side.
+    Bench(bench::BenchArgs),
+}
+
+impl Cli {
+    /// Runs the chosen command.
+    pub fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            Command::DemoModel(args) => demo::run(args),
+            Command::Generate(args) => generate::run(args),
+            Command::Calibrate(args) => calibrate::run(args),
+            Command::Bench(args) => bench::run(args),
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! Llama decoder (Touvron et al. 2023; transformers' `LlamaModel`) with the hooks FitPrune needs.
+//!
+//! Unlike candle-transformers' llama, every layer here
+//! - applies RoPE at explicit per-token positions, so pruned tokens leave gaps that the kept
+//!   tokens do not close up (DESIGN §3: kept tokens keep their original position ids);
+//! - owns a KV cache whose length may differ from other layers' (a pruning layer caches every
+//!   token it saw, later layers only the kept ones);
+//! - can hand its softmax attention probabilities to a [`DecoderHook`], which may answer with the
+//!   rows to keep: the rest are removed from the attention output and from the residual before
+//!   `o_proj` and the residual add.
+//!
+//! Masks are built from positions rather than indices: a key is visible to a query when its
+//! position is not later than the query's, which stays correct whatever rows were removed.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+
+use super::config::{Activation, TextConfig};
+use super::Result;
+
+/// Receives attention probabilities during a forward pass and may prune rows.
+pub trait DecoderHook {
+    /// Whether `layer` must materialise its attention probabilities for this pass.
+    fn wants_attention(&self, layer: usize) -> bool;
+
+    /// Called after the softmax of `layer` with probabilities shaped
+    /// (batch, heads, rows, keys) and the original positions of the current rows.
+    /// Returns the ascending indices (into the current rows) to keep, or `None` to keep all.
+    fn on_attention(&mut self, layer: usize, probs: &Tensor, positions: &[u32]) -> Result<Option<Vec<u32>>>;
+}
+
+/// A hook that observes nothing and prunes nothing.
+pub struct NoHook;
+
+impl DecoderHook for NoHook {
+    fn wants_attention(&self, _layer: usize) -> bool {
+        false
+    }
+    fn on_attention(&mut self, _: usize, _: &Tensor, _: &[u32]) -> Result<Option<Vec<u32>>> {
+        Ok(None)
+    }
+}
+
+/// Keys and values one layer has seen, with their positions (for masking).
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    kv: Option<(Tensor, Tensor)>,
+    positions: Vec<u32>,
+}
+
+impl LayerCache {
+    /// Number of cached tokens.
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// Positions of the cached tokens, in cache order.
+    pub fn positions(&self) -> &[u32] {
+        &self.positions
+    }
+
+    /// Appends (batch, kv_heads, new, head_dim) keys/values and returns the whole cache.
+    fn append(&mut self, k: Tensor, v: Tensor, positions: &[u32]) -> Result<(Tensor, Tensor)> {
+        let kv = match self.kv.take() {
+            None => (k, v),
+            Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
+        };
+        self.positions.extend_from_slice(positions);
+        self.kv = Some(kv.clone());
+        Ok(kv)
+    }
+}
+
+/// One [`LayerCache`] per decoder layer.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    /// An empty cache for `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![LayerCache::default(); num_layers] }
+    }
+
+    /// The cache of one layer.
+    pub fn layer(&self, l: usize) -> &LayerCache {
+        &self.layers[l]
+    }
+
+    /// Cached token count per layer.
+    pub fn lengths(&self) -> Vec<usize> {
+        self.layers.iter().map(LayerCache::len).collect()
+    }
+}
+
+/// RoPE inverse frequencies, computed like transformers' default rotary embedding (in f32).
+#[derive(Debug, Clone)]
+struct Rotary {
+    inv_freq: Vec<f32>,
+}
+
+impl Rotary {
+    fn new(cfg: &TextConfig) -> Self {
+        let dim = cfg.head_dim();
+        let theta = cfg.rope_theta as f32;
+        let inv_freq = (0..dim).step_by(2).map(|i| 1.0 / theta.powf(i as f32 / dim as f32)).collect();
+        Self { inv_freq }
+    }
+
+    /// cos and sin tables (rows, head_dim / 2) at the given positions.
+    fn tables(&self, positions: &[u32], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let shape = (positions.len(), half);
+        let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+}
+
+/// Additive mask (rows, keys): 0 where the key's position is not after the row's, -inf elsewhere.
+/// `None` when every key is visible to every row (decode steps).
+fn position_mask(rows: &[u32], keys: &[u32], device: &Device) -> Result<Option<Tensor>> {
+    let min_row = rows.iter().copied().min().unwrap_or(0);
+    if keys.iter().all(|&k| k <= min_row) {
+        return Ok(None);
+    }
+    let mask: Vec<f32> = rows
+        .iter()
+        .flat_map(|&r| keys.iter().map(move |&k| if k <= r { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (rows.len(), keys.len()), device)?))
+}
+
+fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    Ok(if bias { candle_nn::linear(in_dim, out_dim, vb)? } else { candle_nn::linear_no_bias(in_dim, out_dim, vb)? })
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &TextConfig) -> Result<Self> {
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (h, kvh, b) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.attention_bias);
+        Ok(Self {
+            q_proj: linear(d, h * hd, b, vb.pp("q_proj"))?,
+            k_proj: linear(d, kvh * hd, b, vb.pp("k_proj"))?,
+            v_proj: linear(d, kvh * hd, b, vb.pp("v_proj"))?,
+            o_proj: linear(h * hd, d, b, vb.pp("o_proj"))?,
+            heads: h,
+            kv_heads: kvh,
+            head_dim: hd,
+        })
+    }
+
+    /// Attention output before `o_proj`, (batch, rows, heads * head_dim), and optionally the
+    /// probabilities (batch, heads, rows, keys) in f32.
+    fn attend(&self, x: &Tensor, step: &Step, cache: &mut LayerCache, want_probs: bool) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, s, _) = x.dims3()?;
+        let split = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, s, n, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = split(self.q_proj.forward(x)?, self.heads)?;
+        let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
+        let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
+        let q = candle_nn::rotary_emb::rope(&q, &step.cos, &step.sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, &step.cos, &step.sin)?;
+        let (k, v) = cache.append(k, v, &step.positions)?;
+        let n_rep = self.heads / self.kv_heads;
+        let k = candle_transformers::utils::repeat_kv(k, n_rep)?;
+        let v = candle_transformers::utils::repeat_kv(v, n_rep)?;
+
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        // A layer whose cache held nothing before this pass sees exactly the step's rows as keys,
+        // so it can share the step's mask; otherwise its own cached positions matter.
+        let own_mask;
+        let mask = if cache.len() == step.positions.len() {
+            step.self_mask()?
+        } else {
+            own_mask = position_mask(&step.positions, cache.positions(), x.device())?;
+            own_mask.as_ref()
+        };
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.to_dtype(v.dtype())?.matmul(&v)?;
+        let out = out.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?;
+        Ok((out, want_probs.then_some(probs)))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &TextConfig) -> Result<Self> {
+        let (d, m, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: linear(d, m, b, vb.pp("gate_proj"))?,
+            up_proj: linear(d, m, b, vb.pp("up_proj"))?,
+            down_proj: linear(m, d, b, vb.pp("down_proj"))?,
+            act: cfg.hidden_act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.act.forward(&self.gate_proj.forward(x)?)?;
+        Ok(self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+/// Per-pass inputs shared by the layers until a layer prunes rows.
+struct Step {
+    positions: Vec<u32>,
+    cos: Tensor,
+    sin: Tensor,
+    /// Mask of the rows against themselves, built on first use and shared by every layer
+    /// until rows are removed.
+    mask: std::cell::OnceCell<Option<Tensor>>,
+}
+
+impl Step {
+    fn new(positions: Vec<u32>, cos: Tensor, sin: Tensor) -> Self {
+        Self { positions, cos, sin, mask: std::cell::OnceCell::new() }
+    }
+
+    fn self_mask(&self) -> Result<Option<&Tensor>> {
+        if self.mask.get().is_none() {
+            let m = position_mask(&self.positions, &self.positions, self.cos.device())?;
+            let _ = self.mask.set(m);
+        }
+        Ok(self.mask.get().and_then(Option::as_ref))
+    }
+}
+
+impl DecoderLayer {
+    /// Row removal (if any), `o_proj`, residual add, then the MLP block.
+    fn finish(&self, x: &Tensor, attn: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
+        let (attn, residual) = match keep {
+            Some(idx) => (attn.index_select(idx, 1)?, x.index_select(idx, 1)?),
+            None => (attn.clone(), x.clone()),
+        };
+        let x = (residual + self.self_attn.o_proj.forward(&attn)?)?;
+        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + mlp)?)
+    }
+
+    fn load(vb: VarBuilder, cfg: &TextConfig) -> Result<Self> {
+        let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            input_layernorm: candle_nn::rms_norm(d, eps, vb.pp("input_layernorm"))?,
+            post_attention_layernorm: candle_nn::rms_norm(d, eps, vb.pp("post_attention_layernorm"))?,
+        })
+    }
+}
+
+/// The decoder output of one forward pass.
+#[derive(Debug)]
+pub struct DecoderOutput {
+    /// Final-normed hidden states of the rows that survived, (batch, rows, hidden).
+    pub hidden: Tensor,
+    /// Original positions of those rows.
+    pub positions: Vec<u32>,
+}
+
+/// `LlamaForCausalLM`: embeddings, prunable decoder layers, final norm and LM head.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+}
+
+impl Llama {
+    /// Loads from `vb` (the `LlamaModel` prefix) and `lm_head` (`None` ties it to the embeddings).
+    pub fn load(vb: VarBuilder, lm_head: Option<VarBuilder>, cfg: &TextConfig) -> Result<Self> {
+        let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(vb.pp(format!("layers.{i}")), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?;
+        let lm_head = match lm_head {
+            Some(vb) => candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb)?,
+            None => Linear::new(embed_tokens.embeddings().clone(), None),
+        };
+        Ok(Self { embed_tokens, layers, norm, lm_head, rotary: Rotary::new(cfg) })
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Token embeddings (batch, tokens, hidden) for ids (batch, tokens).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed_tokens.forward(ids)?)
+    }
+
+    /// Runs the decoder over `embeds` (batch, rows, hidden) at `positions`, appending to `cache`.
+    /// The hook sees attention where it asks for it and may remove rows (see module docs).
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        positions: &[u32],
+        cache: &mut KvCache,
+        hook: &mut dyn DecoderHook,
+    ) -> Result<DecoderOutput> {
+        let (_, rows, _) = embeds.dims3()?;
+        if rows != positions.len() || cache.layers.len() != self.layers.len() {
+            return Err(super::ModelError::InvalidInput(format!(
+                "decoder got {rows} rows for {} positions and a {}-layer cache",
+                positions.len(),
+                cache.layers.len()
+            )));
+        }
+        let (device, dtype) = (embeds.device(), embeds.dtype());
+        let (cos, sin) = self.rotary.tables(positions, dtype, device)?;
+        let mut step = Step::new(positions.to_vec(), cos, sin);
+        let mut x = embeds.clone();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let normed = layer.input_layernorm.forward(&x)?;
+            let want = hook.wants_attention(l);
+            let (attn, probs) = layer.self_attn.attend(&normed, &step, &mut cache.layers[l], want)?;
+            let keep = match probs {
+                Some(p) => hook.on_attention(l, &p, &step.positions)?,
+                None => None,
+            };
+            let keep_idx = match keep {
+                Some(keep) if keep.len() < step.positions.len() => {
+                    let idx = Tensor::new(keep.as_slice(), device)?;
+                    step = Step::new(
+                        keep.iter().map(|&i| step.positions[i as usize]).collect(),
+                        step.cos.index_select(&idx, 0)?,
+                        step.sin.index_select(&idx, 0)?,
+                    );
+                    Some(idx)
+                }
+                _ => None,
+            };
+            x = layer.finish(&x, &attn, keep_idx.as_ref())?;
+        }
+        Ok(DecoderOutput { hidden: self.norm.forward(&x)?, positions: step.positions })
+    }
+
+    /// The attention half of layer `l` on a fresh prefill state `x` (1, rows, hidden) at
+    /// `positions`: the output before `o_proj` and the probabilities (1, heads, rows, rows).
+    /// Calibration uses this with [`Self::layer_finish`] to branch on pruning decisions.
+    pub fn layer_attention(&self, l: usize, x: &Tensor, positions: &[u32]) -> Result<(Tensor, Tensor)> {
+        let layer = &self.layers[l];
+        let (cos, sin) = self.rotary.tables(positions, x.dtype(), x.device())?;
+        let step = Step::new(positions.to_vec(), cos, sin);
+        let normed = layer.input_layernorm.forward(x)?;
+        let (attn, probs) = layer.self_attn.attend(&normed, &step, &mut LayerCache::default(), true)?;
+        let probs = probs.ok_or_else(|| super::ModelError::InvalidInput("attention probabilities missing".into()))?;
+        Ok((attn, probs))
+    }
+
+    /// The rest of layer `l` after [`Self::layer_attention`]: keeps the rows `keep` (all if
+    /// `None`) of `x` and `attn`, then `o_proj`, residual and MLP.
+    pub fn layer_finish(&self, l: usize, x: &Tensor, attn: &Tensor, keep: Option<&[u32]>) -> Result<Tensor> {
+        let idx = keep.map(|k| Tensor::new(k, x.device())).transpose()?;
+        self.layers[l].finish(x, attn, idx.as_ref())
+    }
+
+    /// Logits (batch, vocab) in f32 of the last row of `hidden` (batch, rows, hidden).
+    pub fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let rows = hidden.dim(1)?;
+        let last = hidden.narrow(1, rows - 1, 1)?.squeeze(1)?;
+        Ok(self.lm_head.forward(&last)?.to_dtype(DType::F32)?)
+    }
+
+    /// Logits (batch, rows, vocab) in f32 for every row (used by parity tests).
+    pub fn all_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// Log-softmax over the last dimension, in f32.
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?)
+}

@@ -1,0 +1,268 @@
+//! Tests of the decoder hooks against a naive per-head reference written independently of
+//! `llama.rs` (explicit loops for RoPE, masking by position and row removal).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_nn::VarBuilder;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+use super::config::TextConfig;
+use super::llama::{DecoderHook, KvCache, Llama, NoHook};
+use super::Result;
+
+const HIDDEN: usize = 32;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = HIDDEN / HEADS;
+const INTER: usize = 48;
+const LAYERS: usize = 3;
+const VOCAB: usize = 40;
+
+fn cfg() -> TextConfig {
+    serde_json::from_value(serde_json::json!({
+        "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0
+    }))
+    .unwrap()
+}
+
+fn weights() -> HashMap<String, Tensor> {
+    let mut rng = ChaCha8Rng::seed_from_u64(42);
+    let mut w = HashMap::new();
+    let mut put = |name: String, shape: &[usize], std: f32, mean: f32| {
+        let n: usize = shape.iter().product();
+        let d = Normal::new(mean, std).unwrap();
+        let v: Vec<f32> = (0..n).map(|_| d.sample(&mut rng)).collect();
+        w.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
+    };
+    put("embed_tokens.weight".into(), &[VOCAB, HIDDEN], 1.0, 0.0);
+    for l in 0..LAYERS {
+        let p = format!("layers.{l}");
+        put(format!("{p}.self_attn.q_proj.weight"), &[HIDDEN, HIDDEN], 0.4, 0.0);
+        put(format!("{p}.self_attn.k_proj.weight"), &[KV_HEADS * HEAD_DIM, HIDDEN], 0.4, 0.0);
+        put(format!("{p}.self_attn.v_proj.weight"), &[KV_HEADS * HEAD_DIM, HIDDEN], 0.2, 0.0);
+        put(format!("{p}.self_attn.o_proj.weight"), &[HIDDEN, HIDDEN], 0.2, 0.0);
+        put(format!("{p}.mlp.gate_proj.weight"), &[INTER, HIDDEN], 0.2, 0.0);
+        put(format!("{p}.mlp.up_proj.weight"), &[INTER, HIDDEN], 0.2, 0.0);
+        put(format!("{p}.mlp.down_proj.weight"), &[HIDDEN, INTER], 0.2, 0.0);
+        put(format!("{p}.input_layernorm.weight"), &[HIDDEN], 0.1, 1.0);
+        put(format!("{p}.post_attention_layernorm.weight"), &[HIDDEN], 0.1, 1.0);
+    }
+    put("norm.weight".into(), &[HIDDEN], 0.1, 1.0);
+    put("lm_head.weight".into(), &[VOCAB, HIDDEN], 0.3, 0.0);
+    w
+}
+
+fn model(w: &HashMap<String, Tensor>) -> Llama {
+    let vb = VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu);
+    Llama::load(vb.clone(), Some(vb.pp("lm_head")), &cfg()).unwrap()
+}
+
+fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+    t.to_vec2::<f32>().unwrap()
+}
+
+fn matvec(w: &Tensor, x: &[f32]) -> Vec<f32> {
+    let w = rows(w);
+    w.iter().map(|r| r.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+}
+
+fn rms(x: &[f32], w: &Tensor) -> Vec<f32> {
+    let w = w.to_vec1::<f32>().unwrap();
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let r = 1.0 / (ms + 1e-5).sqrt();
+    x.iter().zip(&w).map(|(v, g)| v * r * g).collect()
+}
+
+/// Rotates one head vector by RoPE at `pos` (rotate-half convention).
+fn rope(v: &[f32], pos: u32) -> Vec<f32> {
+    let half = v.len() / 2;
+    let mut out = vec![0.0; v.len()];
+    for i in 0..half {
+        let f = 1.0 / 10000f32.powf((2 * i) as f32 / v.len() as f32);
+        let (s, c) = (pos as f32 * f).sin_cos();
+        out[i] = v[i] * c - v[i + half] * s;
+        out[i + half] = v[i + half] * c + v[i] * s;
+    }
+    out
+}
+
+/// Naive decoder over `xs` (rows at `pos`); at `prune = (layer, keep)` rows not in `keep` are
+/// removed after that layer's attention. Returns final-normed rows and the attention
+/// probabilities of layer `probe` (heads x rows x rows).
+fn reference(
+    w: &HashMap<String, Tensor>,
+    mut xs: Vec<Vec<f32>>,
+    mut pos: Vec<u32>,
+    prune: Option<(usize, Vec<usize>)>,
+    probe: usize,
+) -> (Vec<Vec<f32>>, Vec<Vec<Vec<f32>>>) {
+    let silu = |v: f32| v / (1.0 + (-v).exp());
+    let mut probed = Vec::new();
+    for l in 0..LAYERS {
+        let g = |n: &str| &w[&format!("layers.{l}.{n}")];
+        let h: Vec<Vec<f32>> = xs.iter().map(|x| rms(x, g("input_layernorm.weight"))).collect();
+        let q: Vec<Vec<f32>> = h.iter().map(|x| matvec(g("self_attn.q_proj.weight"), x)).collect();
+        let k: Vec<Vec<f32>> = h.iter().map(|x| matvec(g("self_attn.k_proj.weight"), x)).collect();
+        let v: Vec<Vec<f32>> = h.iter().map(|x| matvec(g("self_attn.v_proj.weight"), x)).collect();
+        let n = xs.len();
+        let mut attn = vec![vec![0.0f32; HIDDEN]; n];
+        let mut layer_probs = Vec::new();
+        for head in 0..HEADS {
+            let kvh = head / (HEADS / KV_HEADS);
+            let hq = |i: usize| rope(&q[i][head * HEAD_DIM..(head + 1) * HEAD_DIM], pos[i]);
+            let hk = |j: usize| rope(&k[j][kvh * HEAD_DIM..(kvh + 1) * HEAD_DIM], pos[j]);
+            let mut head_probs = Vec::new();
+            for i in 0..n {
+                let qi = hq(i);
+                let scores: Vec<f32> = (0..n)
+                    .map(|j| {
+                        if pos[j] > pos[i] {
+                            f32::NEG_INFINITY
+                        } else {
+                            qi.iter().zip(hk(j)).map(|(a, b)| a * b).sum::<f32>() / (HEAD_DIM as f32).sqrt()
+                        }
+                    })
+                    .collect();
+                let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
+                let z: f32 = e.iter().sum();
+                let p: Vec<f32> = e.iter().map(|x| x / z).collect();
+                for d in 0..HEAD_DIM {
+                    attn[i][head * HEAD_DIM + d] = (0..n).map(|j| p[j] * v[j][kvh * HEAD_DIM + d]).sum();
+                }
+                head_probs.push(p);
+            }
+            layer_probs.push(head_probs);
+        }
+        if l == probe {
+            probed = layer_probs;
+        }
+        if let Some((pl, keep)) = &prune {
+            if *pl == l {
+                xs = keep.iter().map(|&i| xs[i].clone()).collect();
+                attn = keep.iter().map(|&i| attn[i].clone()).collect();
+                pos = keep.iter().map(|&i| pos[i]).collect();
+            }
+        }
+        for (x, a) in xs.iter_mut().zip(&attn) {
+            let o = matvec(g("self_attn.o_proj.weight"), a);
+            x.iter_mut().zip(o).for_each(|(x, o)| *x += o);
+            let hn = rms(x, g("post_attention_layernorm.weight"));
+            let gate = matvec(g("mlp.gate_proj.weight"), &hn);
+            let up = matvec(g("mlp.up_proj.weight"), &hn);
+            let act: Vec<f32> = gate.iter().zip(&up).map(|(a, b)| silu(*a) * b).collect();
+            let down = matvec(g("mlp.down_proj.weight"), &act);
+            x.iter_mut().zip(down).for_each(|(x, d)| *x += d);
+        }
+    }
+    (xs.iter().map(|x| rms(x, &w["norm.weight"])).collect(), probed)
+}
+
+/// Prunes to fixed rows at one layer and records the probabilities it was shown.
+struct FixedPrune {
+    layer: usize,
+    keep: Vec<u32>,
+    seen: Option<Tensor>,
+}
+
+impl DecoderHook for FixedPrune {
+    fn wants_attention(&self, layer: usize) -> bool {
+        layer == self.layer
+    }
+    fn on_attention(&mut self, _: usize, probs: &Tensor, _: &[u32]) -> Result<Option<Vec<u32>>> {
+        self.seen = Some(probs.clone());
+        Ok(Some(self.keep.clone()))
+    }
+}
+
+fn assert_close(a: &[Vec<f32>], b: &[Vec<f32>], tol: f32) {
+    assert_eq!(a.len(), b.len());
+    for (ra, rb) in a.iter().zip(b) {
+        for (x, y) in ra.iter().zip(rb) {
+            assert!((x - y).abs() <= tol, "{x} vs {y}");
+        }
+    }
+}
+
+fn embeds(w: &HashMap<String, Tensor>, ids: &[u32]) -> (Tensor, Vec<Vec<f32>>) {
+    let e = w["embed_tokens.weight"].index_select(&Tensor::new(ids, &Device::Cpu).unwrap(), 0).unwrap();
+    let r = rows(&e);
+    (e.unsqueeze(0).unwrap(), r)
+}
+
+const IDS: [u32; 9] = [1, 5, 7, 7, 7, 7, 12, 3, 9];
+
+#[test]
+fn unpruned_forward_matches_reference_and_exposes_probabilities() {
+    let w = weights();
+    let m = model(&w);
+    let (e, er) = embeds(&w, &IDS);
+    let pos: Vec<u32> = (0..IDS.len() as u32).collect();
+    let mut hook = FixedPrune { layer: 1, keep: (0..IDS.len() as u32).collect(), seen: None };
+    let out = m.forward(&e, &pos, &mut KvCache::new(LAYERS), &mut hook).unwrap();
+    let (want, probs) = reference(&w, er, pos.clone(), None, 1);
+    assert_close(&rows(&out.hidden.i(0).unwrap()), &want, 1e-4);
+    let seen = hook.seen.unwrap();
+    assert_eq!(seen.dims(), &[1, HEADS, IDS.len(), IDS.len()]);
+    for (h, head) in probs.iter().enumerate() {
+        assert_close(&rows(&seen.i((0, h)).unwrap()), head, 1e-5);
+    }
+}
+
+#[test]
+fn rows_removed_mid_way_match_reference_and_caches_differ_by_layer() {
+    let w = weights();
+    let m = model(&w);
+    let (e, er) = embeds(&w, &IDS);
+    let pos: Vec<u32> = (0..IDS.len() as u32).collect();
+    let keep = vec![0u32, 1, 3, 6, 7, 8];
+    let mut hook = FixedPrune { layer: 1, keep: keep.clone(), seen: None };
+    let mut cache = KvCache::new(LAYERS);
+    let out = m.forward(&e, &pos, &mut cache, &mut hook).unwrap();
+    let keep_us: Vec<usize> = keep.iter().map(|&k| k as usize).collect();
+    let (want, _) = reference(&w, er, pos, Some((1, keep_us)), 0);
+    assert_close(&rows(&out.hidden.i(0).unwrap()), &want, 1e-4);
+    assert_eq!(out.positions, keep);
+    // Layers up to the pruning one cached every token; later layers only the kept ones.
+    assert_eq!(cache.lengths(), vec![9, 9, 6]);
+    assert_eq!(cache.layer(2).positions(), keep.as_slice());
+}
+
+#[test]
+fn decode_after_pruning_continues_at_the_original_length() {
+    let w = weights();
+    let m = model(&w);
+    let (e, _) = embeds(&w, &IDS);
+    let n = IDS.len() as u32;
+    let pos: Vec<u32> = (0..n).collect();
+    let keep = vec![0u32, 2, 5, 6, 8];
+    let mut cache = KvCache::new(LAYERS);
+    m.forward(&e, &pos, &mut cache, &mut FixedPrune { layer: 0, keep: keep.clone(), seen: None }).unwrap();
+    let next = 11u32;
+    let (e1, _) = embeds(&w, &[next]);
+    let step = m.forward(&e1, &[n], &mut cache, &mut NoHook).unwrap();
+
+    // Reference: one pass over prompt + next token, pruning the same prompt rows.
+    let mut all = IDS.to_vec();
+    all.push(next);
+    let (_, er) = embeds(&w, &all);
+    let mut keep_all: Vec<usize> = keep.iter().map(|&k| k as usize).collect();
+    keep_all.push(IDS.len());
+    let (want, _) = reference(&w, er, (0..=n).collect(), Some((0, keep_all)), 0);
+    assert_close(&rows(&step.hidden.i(0).unwrap()), &want[want.len() - 1..], 1e-4);
+    assert_eq!(step.positions, vec![n]);
+    assert_eq!(cache.lengths(), vec![10, 6, 6]);
+}
+
+#[test]
+fn forward_rejects_mismatched_positions() {
+    let w = weights();
+    let m = model(&w);
+    let (e, _) = embeds(&w, &IDS);
+    assert!(m.forward(&e, &[0, 1], &mut KvCache::new(LAYERS), &mut NoHook).is_err());
+}

@@ -1,0 +1,316 @@
+//! A loaded LLaVA model (Liu et al. 2023, "Improved Baselines with Visual Instruction Tuning";
+//! transformers' `LlavaForConditionalGeneration` + `LlavaProcessor`): prompt building,
+//! image features merged into the token embeddings, prefill and decode steps.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use image::DynamicImage;
+use tokenizers::Tokenizer;
+
+use super::config::LlavaConfig;
+use super::llama::{DecoderHook, DecoderOutput, KvCache, Llama, NoHook};
+use super::preprocess::{ImagePreprocessor, PreprocessorConfig};
+use super::projector::Projector;
+use super::prompt::{expand_image_tokens, image_token_from_dir, ChatMessage, ChatTemplate};
+use super::vision::VisionTower;
+use super::weights::{self, TensorLayout};
+use super::{ModelError, Result};
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Where tensors live.
+    pub device: Device,
+    /// Compute dtype (f32 on CPU; f16/bf16 on CUDA).
+    pub dtype: DType,
+    /// Pad images to a square with the mean colour before resizing (original LLaVA).
+    pub pad_to_square: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { device: Device::Cpu, dtype: DType::F32, pad_to_square: false }
+    }
+}
+
+/// A tokenized prompt with its preprocessed images.
+#[derive(Debug, Clone)]
+pub struct PreparedPrompt {
+    /// The rendered chat template before image-token expansion.
+    pub text: String,
+    /// Token ids with every image placeholder expanded to one id per image feature.
+    pub input_ids: Vec<u32>,
+    /// (images, 3, H, W) pixel values, `None` for a text-only prompt.
+    pub pixel_values: Option<Tensor>,
+    /// Token ranges occupied by each image's features, in order.
+    pub image_spans: Vec<Range<usize>>,
+}
+
+impl PreparedPrompt {
+    /// Number of visual tokens over all images.
+    pub fn visual_tokens(&self) -> usize {
+        self.image_spans.iter().map(|r| r.len()).sum()
+    }
+}
+
+/// The result of a prefill.
+#[derive(Debug)]
+pub struct Prefill {
+    /// Logits of the last prompt token, (vocab,) f32.
+    pub logits: Tensor,
+    /// Rows that reached the last layer and their positions.
+    pub output: DecoderOutput,
+}
+
+/// LLaVA weights plus the tokenizer, chat template and image preprocessor that go with them.
+pub struct LlavaModel {
+    config: LlavaConfig,
+    vision: VisionTower,
+    projector: Projector,
+    llama: Llama,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    preprocessor: ImagePreprocessor,
+    image_token: String,
+    layout: TensorLayout,
+    options: LoadOptions,
+    dir: PathBuf,
+}
+
+impl LlavaModel {
+    /// Loads every file of a llava-hf model directory.
+    pub fn load(dir: &Path, options: LoadOptions) -> Result<Self> {
+        let config = LlavaConfig::from_json_str(&weights::read(&dir.join("config.json"))?)?;
+        let pre_path = dir.join("preprocessor_config.json");
+        let pre_cfg = PreprocessorConfig::from_json_str(&weights::read(&pre_path)?)?;
+        let preprocessor = ImagePreprocessor::new(pre_cfg, options.pad_to_square)?;
+        let image_token = image_token_from_dir(dir)?;
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.exists() {
+            return Err(ModelError::MissingFile { path: tok_path, what: "the fast tokenizer".into() });
+        }
+        let tokenizer =
+            Tokenizer::from_file(&tok_path).map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tok_path.display())))?;
+        match tokenizer.token_to_id(&image_token) {
+            Some(id) if id == config.image_token_index => {}
+            other => {
+                return Err(ModelError::Config {
+                    file: "config.json".into(),
+                    field: "image_token_index".into(),
+                    message: format!(
+                        "is {}, but tokenizer.json maps {image_token:?} to {other:?}",
+                        config.image_token_index
+                    ),
+                })
+            }
+        }
+        let template = ChatTemplate::from_dir(dir)?;
+
+        let (vb, layout) = weights::open(dir, options.dtype, &options.device)?;
+        let lm_head = if config.ties_word_embeddings() || !vb.contains_tensor(&format!("{}.weight", layout.lm_head())) {
+            None
+        } else {
+            Some(vb.pp(layout.lm_head()))
+        };
+        let weights_err = |e: ModelError| match e {
+            ModelError::Candle(c) => ModelError::Weights(format!("{}: {c}", dir.display())),
+            other => other,
+        };
+        let llama = Llama::load(vb.pp(layout.text_model()), lm_head, &config.text_config).map_err(weights_err)?;
+        let vision = VisionTower::load(vb.pp(layout.vision_model()), &config).map_err(weights_err)?;
+        let projector = Projector::load(vb.pp(layout.projector()), &config).map_err(weights_err)?;
+        Ok(Self {
+            config,
+            vision,
+            projector,
+            llama,
+            tokenizer,
+            template,
+            preprocessor,
+            image_token,
+            layout,
+            options,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The parsed config.json.
+    pub fn config(&self) -> &LlavaConfig {
+        &self.config
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The decoder.
+    pub fn llama(&self) -> &Llama {
+        &self.llama
+    }
+
+    /// The tensor layout the checkpoint used.
+    pub fn layout(&self) -> TensorLayout {
+        self.layout
+    }
+
+    /// The directory the model was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Device and dtype the model runs with.
+    pub fn options(&self) -> &LoadOptions {
+        &self.options
+    }
+
+    /// Token ids that end generation.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        self.config.text_config.eos_token_id.as_ref().map(|e| e.ids()).unwrap_or_default()
+    }
+
+    /// Renders the chat template, checks images against placeholders, expands and tokenizes.
+    pub fn prepare(&self, messages: &[ChatMessage], images: &[DynamicImage]) -> Result<PreparedPrompt> {
+        let text = self.template.render(messages, true)?;
+        self.prepare_rendered(text, images)
+    }
+
+    /// Like [`Self::prepare`] for an already rendered prompt containing image placeholders.
+    pub fn prepare_rendered(&self, text: String, images: &[DynamicImage]) -> Result<PreparedPrompt> {
+        let placeholders = text.matches(self.image_token.as_str()).count();
+        if placeholders != images.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "the prompt has {placeholders} image placeholders but {} images were given",
+                images.len()
+            )));
+        }
+        let expanded = expand_image_tokens(&text, &self.image_token, self.config.image_feature_count());
+        let encoding = self
+            .tokenizer
+            .encode(expanded, true)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let input_ids = encoding.get_ids().to_vec();
+        let per_image = self.config.image_feature_count();
+        let runs = runs_of(&input_ids, self.config.image_token_index);
+        // Adjacent placeholders merge into one run; split it back into one span per image.
+        if runs.iter().any(|r| r.len() % per_image != 0) {
+            return Err(ModelError::InvalidInput(format!(
+                "image tokens come in runs of {:?}, not multiples of {per_image}",
+                runs.iter().map(|r| r.len()).collect::<Vec<_>>()
+            )));
+        }
+        let image_spans: Vec<Range<usize>> = runs
+            .iter()
+            .flat_map(|r| r.clone().step_by(per_image).map(move |s| s..s + per_image))
+            .collect();
+        if image_spans.len() != images.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "{} images were given but the tokenized prompt holds {}",
+                images.len(),
+                image_spans.len()
+            )));
+        }
+        let pixel_values = self.pixel_values(images)?;
+        Ok(PreparedPrompt { text, input_ids, pixel_values, image_spans })
+    }
+
+    /// Preprocesses images into one (images, 3, H, W) tensor.
+    pub fn pixel_values(&self, images: &[DynamicImage]) -> Result<Option<Tensor>> {
+        if images.is_empty() {
+            return Ok(None);
+        }
+        let (h, w) = self.preprocessor.output_size();
+        let mut data = Vec::with_capacity(images.len() * 3 * h * w);
+        for img in images {
+            data.extend(self.preprocessor.preprocess(img)?);
+        }
+        let t = Tensor::from_vec(data, (images.len(), 3, h, w), &self.options.device)?;
+        Ok(Some(t.to_dtype(self.options.dtype)?))
+    }
+
+    /// Token embeddings with image features in place of the image tokens: (1, tokens, hidden).
+    pub fn input_embeds(&self, prompt: &PreparedPrompt) -> Result<Tensor> {
+        let device = &self.options.device;
+        let ids = Tensor::new(prompt.input_ids.as_slice(), device)?.unsqueeze(0)?;
+        let text = self.llama.embed(&ids)?.squeeze(0)?;
+        let Some(pixels) = &prompt.pixel_values else {
+            return Ok(text.unsqueeze(0)?);
+        };
+        let feats = self.projector.forward(&self.vision.forward(pixels)?)?;
+        let feats = feats.flatten_to(1)?.to_dtype(text.dtype())?;
+        // One gather: row p takes text row p, or row (tokens + k) for the k-th image token.
+        let tokens = prompt.input_ids.len() as u32;
+        let mut k = 0u32;
+        let index: Vec<u32> = prompt
+            .input_ids
+            .iter()
+            .enumerate()
+            .map(|(p, &id)| {
+                if id == self.config.image_token_index {
+                    k += 1;
+                    tokens + k - 1
+                } else {
+                    p as u32
+                }
+            })
+            .collect();
+        let all = Tensor::cat(&[&text, &feats], 0)?;
+        let index = Tensor::new(index.as_slice(), device)?;
+        Ok(all.index_select(&index, 0)?.unsqueeze(0)?)
+    }
+
+    /// Runs the prompt through the decoder, filling `cache`; `hook` may observe and prune.
+    pub fn prefill(&self, prompt: &PreparedPrompt, cache: &mut KvCache, hook: &mut dyn DecoderHook) -> Result<Prefill> {
+        let embeds = self.input_embeds(prompt)?;
+        let positions: Vec<u32> = (0..prompt.input_ids.len() as u32).collect();
+        let output = self.llama.forward(&embeds, &positions, cache, hook)?;
+        let logits = self.llama.last_logits(&output.hidden)?.squeeze(0)?;
+        Ok(Prefill { logits, output })
+    }
+
+    /// One decode step for `token` at `position`; returns (vocab,) f32 logits.
+    pub fn decode(&self, token: u32, position: u32, cache: &mut KvCache) -> Result<Tensor> {
+        let ids = Tensor::new(&[[token]], &self.options.device)?;
+        let embeds = self.llama.embed(&ids)?;
+        let output = self.llama.forward(&embeds, &[position], cache, &mut NoHook)?;
+        Ok(self.llama.last_logits(&output.hidden)?.squeeze(0)?)
+    }
+
+    /// A fresh KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.llama.num_layers())
+    }
+}
+
+/// Maximal runs of `id` in `ids`.
+fn runs_of(ids: &[u32], id: u32) -> Vec<Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = None;
+    for (i, &t) in ids.iter().enumerate() {
+        match (t == id, start) {
+            (true, None) => start = Some(i),
+            (false, Some(s)) => {
+                runs.push(s..i);
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        runs.push(s..ids.len());
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs_of;
+
+    #[test]
+    fn runs_are_maximal_and_ordered() {
+        assert_eq!(runs_of(&[1, 9, 9, 2, 9, 3, 9, 9, 9], 9), vec![1..3, 4..5, 6..9]);
+        assert!(runs_of(&[1, 2], 9).is_empty());
+    }
+}

@@ -1,0 +1,129 @@
+//! Where a model comes from: a local directory, a hub id (through hf-hub's cache), or the
+//! built-in demo model (random weights, generated once into the cache directory).
+
+use std::path::{Path, PathBuf};
+
+use super::demo::{write_demo_model, DemoOptions};
+use super::{ModelError, Result};
+
+/// Files a llava-hf model directory may hold; the first group is required.
+const REQUIRED: &[&str] = &["config.json", "tokenizer.json", "preprocessor_config.json"];
+const OPTIONAL: &[&str] = &[
+    "tokenizer_config.json",
+    "processor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
+
+/// A resolved model location.
+#[derive(Debug, Clone)]
+pub struct ModelSource {
+    /// Directory holding config.json, tokenizer and weights.
+    pub dir: PathBuf,
+    /// Whether this is the built-in random-weight demo model.
+    pub is_demo: bool,
+    /// The name to announce (hub id, directory, or `fitprune-demo`).
+    pub name: String,
+}
+
+/// Resolves `--model`: `None` is the demo model; an existing path is used as is; anything else
+/// is a hub id looked up in hf-hub's cache first and downloaded only if missing.
+pub fn resolve(model: Option<&str>) -> Result<ModelSource> {
+    match model {
+        None => {
+            let dir = demo_model_dir()?;
+            Ok(ModelSource { dir, is_demo: true, name: "fitprune-demo".into() })
+        }
+        Some(m) if Path::new(m).exists() => Ok(ModelSource { dir: PathBuf::from(m), is_demo: false, name: m.to_string() }),
+        Some(id) if id.split('/').count() == 2 && !id.starts_with('.') => {
+            Ok(ModelSource { dir: from_hub(id)?, is_demo: false, name: id.to_string() })
+        }
+        Some(m) => Err(ModelError::MissingFile { path: PathBuf::from(m), what: "not a directory nor a hub id".into() }),
+    }
+}
+
+/// The cache directory: `$FITPRUNE_CACHE_DIR`, else `$XDG_CACHE_HOME/fitprune`, else `~/.cache/fitprune`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("FITPRUNE_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("fitprune");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    home.join(".cache").join("fitprune")
+}
+
+/// The built-in demo model (tiny preset, seed 0), written on first use.
+pub fn demo_model_dir() -> Result<PathBuf> {
+    let dir = cache_dir().join(format!("demo-tiny-seed0-v{}", env!("CARGO_PKG_VERSION")));
+    if dir.join("model.safetensors").exists() {
+        return Ok(dir);
+    }
+    // Write into a sibling and rename, so a crash never leaves a half-written model behind.
+    let parent = cache_dir();
+    std::fs::create_dir_all(&parent).map_err(|source| ModelError::Io { path: parent.clone(), source })?;
+    let tmp = parent.join(format!(".demo-{}", std::process::id()));
+    write_demo_model(&tmp, &DemoOptions::default())?;
+    match std::fs::rename(&tmp, &dir) {
+        Ok(()) => Ok(dir),
+        // Another process won the race: use its copy.
+        Err(_) if dir.join("model.safetensors").exists() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(dir)
+        }
+        Err(source) => Err(ModelError::Io { path: dir, source }),
+    }
+}
+
+fn from_hub(id: &str) -> Result<PathBuf> {
+    let cache = hf_hub::Cache::from_env();
+    let cached = cache.model(id.to_string());
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone()).build().map_err(|e| ModelError::Hub(e.to_string()));
+    let get = |file: &str, required: bool| -> Result<Option<PathBuf>> {
+        if let Some(p) = cached.get(file) {
+            return Ok(Some(p));
+        }
+        let api = match &api {
+            Ok(api) => api,
+            Err(e) if required => return Err(ModelError::Hub(format!("{id}/{file} is not cached and the hub is unreachable: {e}"))),
+            Err(_) => return Ok(None),
+        };
+        match api.model(id.to_string()).get(file) {
+            Ok(p) => Ok(Some(p)),
+            Err(e) if required => Err(ModelError::Hub(format!("{id}/{file}: {e}"))),
+            Err(_) => Ok(None),
+        }
+    };
+    let config = get("config.json", true)?.ok_or_else(|| ModelError::Hub(format!("{id}: no config.json")))?;
+    for f in REQUIRED {
+        get(f, true)?;
+    }
+    for f in OPTIONAL {
+        get(f, false)?;
+    }
+    if let Some(index) = get("model.safetensors.index.json", false)? {
+        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            file: index.display().to_string(),
+            field: "(document)".into(),
+            message: e.to_string(),
+        })?;
+        let shards: std::collections::BTreeSet<String> = json["weight_map"]
+            .as_object()
+            .map(|m| m.values().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        for shard in shards {
+            get(&shard, true)?;
+        }
+    } else {
+        get("model.safetensors", true)?;
+    }
+    // hf-hub places every file of one revision in the same snapshot directory.
+    config
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| ModelError::Hub(format!("{id}: cached config.json has no parent directory")))
+}

@@ -1,0 +1,374 @@
+//! Calibration: fit per-layer deletion counts to FLOPs budgets (the authors'
+//! `statistical_analysis.py`, DESIGN §3), sharing work the naive search repeats.
+//!
+//! The authors re-run every decoder layer on every sample for each alpha of the binary search,
+//! and the statistics pass once per budget. Here one statistics pass serves all budgets, and each
+//! sample's pruned passes live in a trie keyed by the deletions made so far: the hidden state
+//! entering layer l depends only on which rows earlier layers removed, so any alpha (of any
+//! budget) that makes the same decisions reuses the same layer evaluations. The unpruned chain is
+//! the statistics pass itself. Results are identical to the naive search by construction; the
+//! evaluation counts of both are reported.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+
+use crate::model::{LlavaModel, PreparedPrompt};
+
+use super::flops::FlopsModel;
+use super::score::{head_max, prefix_deletions, visual_scores, RowRoles, VisualScores};
+use super::PruneError;
+
+/// What to fit.
+#[derive(Debug, Clone)]
+pub struct CalibrateOptions {
+    /// FLOPs budgets: fractions of visual-token FLOPs to remove, each in (0, 1).
+    pub budgets: Vec<f64>,
+    /// Binary search stops when the alpha interval is at most this wide (authors: 0.01).
+    pub tolerance: f64,
+}
+
+impl Default for CalibrateOptions {
+    fn default() -> Self {
+        Self { budgets: vec![0.3, 0.5, 0.7], tolerance: 0.01 }
+    }
+}
+
+/// The recipe fitted for one budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FittedBudget {
+    /// Requested budget.
+    pub budget: f64,
+    /// Smallest alpha that met the budget; `None` if even alpha = 1 did not.
+    pub alpha: Option<f64>,
+    /// Per-layer deletions (sum over samples, floor-divided by the sample count).
+    pub deletions: Vec<usize>,
+    /// Reduction of the recipe under the FLOPs model at the fitted token count.
+    pub achieved_reduction: f64,
+}
+
+/// Work done, against what the authors' procedure would have done for the same results.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EvalCounts {
+    /// Attention halves computed (layer input -> probabilities).
+    pub attention: u64,
+    /// MLP halves computed (row removal, o_proj, residual, MLP).
+    pub mlp: u64,
+    /// Full layer evaluations of the naive search: a statistics pass per budget plus every
+    /// layer walked by every alpha step, per sample.
+    pub naive_layers: u64,
+    /// Alpha fits performed (binary-search steps over all budgets).
+    pub fits: u64,
+}
+
+impl EvalCounts {
+    /// Layer evaluations done, counting an attention half and an MLP half as half a layer each.
+    pub fn layers(&self) -> f64 {
+        (self.attention + self.mlp) as f64 / 2.0
+    }
+}
+
+/// Calibration result.
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    /// Visual tokens per sample.
+    pub visual_tokens: usize,
+    /// Samples used.
+    pub samples: usize,
+    /// One entry per requested budget, in request order.
+    pub budgets: Vec<FittedBudget>,
+    /// Work counters.
+    pub counts: EvalCounts,
+}
+
+/// Receives progress and answers whether to stop.
+pub trait CalibrationObserver {
+    /// `done` of `total` passes finished; `phase` says which.
+    fn progress(&mut self, done: usize, total: usize, phase: &str);
+    /// Checked between layers: `true` stops with [`PruneError::Cancelled`].
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// An observer that ignores progress and never cancels.
+pub struct Silent;
+
+impl CalibrationObserver for Silent {
+    fn progress(&mut self, _: usize, _: usize, _: &str) {}
+}
+
+/// One state of a sample's prefill: the input of some layer after some deletions.
+struct Node {
+    x: Tensor,
+    positions: Vec<u32>,
+    is_visual: Vec<bool>,
+    /// Attention half of this node's layer, computed on first need.
+    attention: Option<(Tensor, VisualScores, usize)>,
+    /// Deleted current-row indices -> the node entering the next layer.
+    children: HashMap<Vec<u32>, usize>,
+}
+
+/// One sample's states, root = the input of layer 0.
+struct Sample {
+    nodes: Vec<Node>,
+    /// Unpruned statistics per layer: (W_cross, W_self).
+    stats: Vec<(f64, f64)>,
+}
+
+struct Calibrator<'a> {
+    model: &'a LlavaModel,
+    flops: FlopsModel,
+    samples: Vec<Sample>,
+    visual: usize,
+    counts: EvalCounts,
+}
+
+/// Fits one recipe per budget from calibration prompts (each with the same number of visual
+/// tokens and some text after the image).
+pub fn calibrate(
+    model: &LlavaModel,
+    prompts: &[PreparedPrompt],
+    opts: &CalibrateOptions,
+    observer: &mut dyn CalibrationObserver,
+) -> Result<Calibration, PruneError> {
+    validate(prompts, opts)?;
+    let visual = prompts[0].visual_tokens();
+    let steps = search_steps(opts.tolerance);
+    let total = 1 + opts.budgets.len() * steps;
+    let mut c = Calibrator {
+        model,
+        flops: FlopsModel::from_config(&model.config().text_config),
+        samples: Vec::with_capacity(prompts.len()),
+        visual,
+        counts: EvalCounts::default(),
+    };
+    for (i, p) in prompts.iter().enumerate() {
+        c.add_sample(p, observer)?;
+        observer.progress(0, total, &format!("statistics: sample {} of {}", i + 1, prompts.len()));
+    }
+    let layers = c.flops.layers as u64;
+    let mut done = 1;
+    observer.progress(done, total, "statistics done");
+    let mut budgets = Vec::new();
+    for &budget in &opts.budgets {
+        c.counts.naive_layers += layers * prompts.len() as u64;
+        let (mut lo, mut hi) = (0.0f64, 1.0f64);
+        let mut best: Option<(f64, Vec<usize>)> = None;
+        while hi - lo > opts.tolerance + 1e-6 {
+            let mid = (lo + hi) / 2.0;
+            let (reached, scheme) = c.fit(mid, budget, observer)?;
+            done += 1;
+            observer.progress(done, total, &format!("budget {budget}: alpha {mid:.4}"));
+            if reached {
+                hi = mid;
+                best = Some((mid, scheme));
+            } else {
+                lo = mid;
+            }
+        }
+        if best.is_none() {
+            let (reached, scheme) = c.fit(1.0, budget, observer)?;
+            if reached {
+                best = Some((1.0, scheme));
+            }
+        }
+        let fitted = match best {
+            Some((alpha, deletions)) => FittedBudget {
+                budget,
+                alpha: Some(alpha),
+                achieved_reduction: c.flops.reduction(visual as u64, &deletions),
+                deletions,
+            },
+            None => FittedBudget { budget, alpha: None, deletions: vec![0; c.flops.layers], achieved_reduction: 0.0 },
+        };
+        budgets.push(fitted);
+    }
+    observer.progress(total, total, "done");
+    Ok(Calibration { visual_tokens: visual, samples: prompts.len(), budgets, counts: c.counts })
+}
+
+/// Binary-search steps the tolerance implies (7 for 0.01).
+fn search_steps(tolerance: f64) -> usize {
+    let mut w = 1.0;
+    let mut n = 0;
+    while w > tolerance + 1e-6 {
+        w /= 2.0;
+        n += 1;
+    }
+    n
+}
+
+fn validate(prompts: &[PreparedPrompt], opts: &CalibrateOptions) -> Result<(), PruneError> {
+    let bad = |m: String| Err(PruneError::InvalidInput(m));
+    if prompts.is_empty() {
+        return bad("at least one sample is needed".into());
+    }
+    if opts.budgets.is_empty() {
+        return bad("at least one budget is needed".into());
+    }
+    if let Some(b) = opts.budgets.iter().find(|b| !(**b > 0.0 && **b < 1.0)) {
+        return bad(format!("budget {b} is outside (0, 1)"));
+    }
+    if !(opts.tolerance > 0.0 && opts.tolerance < 1.0) {
+        return bad(format!("tolerance {} is outside (0, 1)", opts.tolerance));
+    }
+    let n = prompts[0].visual_tokens();
+    for (i, p) in prompts.iter().enumerate() {
+        if p.visual_tokens() == 0 || p.visual_tokens() != n {
+            return bad(format!("sample {i} has {} visual tokens; every sample needs the same non-zero count ({n})", p.visual_tokens()));
+        }
+        let last_visual = p.image_spans.iter().map(|r| r.end).max().unwrap_or(0);
+        if last_visual >= p.input_ids.len() {
+            return bad(format!("sample {i} has no text after its image, so cross attention is undefined"));
+        }
+    }
+    Ok(())
+}
+
+impl Calibrator<'_> {
+    /// Embeds a sample and walks its unpruned chain: the statistics pass.
+    fn add_sample(&mut self, prompt: &PreparedPrompt, observer: &dyn CalibrationObserver) -> Result<(), PruneError> {
+        let x = self.model.input_embeds(prompt)?;
+        let mut is_visual = vec![false; prompt.input_ids.len()];
+        for span in &prompt.image_spans {
+            is_visual[span.clone()].iter_mut().for_each(|v| *v = true);
+        }
+        let root = Node {
+            x,
+            positions: (0..prompt.input_ids.len() as u32).collect(),
+            is_visual,
+            attention: None,
+            children: HashMap::new(),
+        };
+        self.samples.push(Sample { nodes: vec![root], stats: Vec::new() });
+        let s = self.samples.len() - 1;
+        let mut node = 0;
+        for l in 0..self.flops.layers {
+            if observer.cancelled() {
+                return Err(PruneError::Cancelled);
+            }
+            self.ensure_attention(s, node, l)?;
+            let (_, scores, cross_rows) = self.samples[s].nodes[node].attention.as_ref().ok_or(PruneError::Cancelled)?;
+            let w_cross = scores.cross_attn.iter().map(|&v| f64::from(v)).sum::<f64>() / *cross_rows as f64;
+            let w_self = scores.self_attn.iter().map(|&v| f64::from(v)).sum::<f64>();
+            self.samples[s].stats.push((w_cross, w_self));
+            if l + 1 < self.flops.layers {
+                node = self.child(s, node, l, Vec::new())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn ensure_attention(&mut self, s: usize, node: usize, layer: usize) -> Result<(), PruneError> {
+        let n = &self.samples[s].nodes[node];
+        if n.attention.is_some() {
+            return Ok(());
+        }
+        let (attn, probs) = self.model.llama().layer_attention(layer, &n.x, &n.positions)?;
+        let roles = RowRoles::from_flags(&n.is_visual);
+        let scores = visual_scores(&head_max(&probs)?, &roles)?;
+        let cross_rows = roles.cross.len();
+        self.counts.attention += 1;
+        self.samples[s].nodes[node].attention = Some((attn, scores, cross_rows));
+        Ok(())
+    }
+
+    /// The node entering layer + 1 after deleting `deleted` (current-row indices) at `layer`.
+    fn child(&mut self, s: usize, node: usize, layer: usize, deleted: Vec<u32>) -> Result<usize, PruneError> {
+        if let Some(&c) = self.samples[s].nodes[node].children.get(&deleted) {
+            return Ok(c);
+        }
+        let n = &self.samples[s].nodes[node];
+        let attn = &n.attention.as_ref().ok_or(PruneError::Cancelled)?.0;
+        let keep: Vec<u32> = (0..n.positions.len() as u32).filter(|i| !deleted.contains(i)).collect();
+        let pruned = keep.len() < n.positions.len();
+        let x = self.model.llama().layer_finish(layer, &n.x, attn, pruned.then_some(keep.as_slice()))?;
+        let child = Node {
+            x,
+            positions: keep.iter().map(|&i| n.positions[i as usize]).collect(),
+            is_visual: keep.iter().map(|&i| n.is_visual[i as usize]).collect(),
+            attention: None,
+            children: HashMap::new(),
+        };
+        self.counts.mlp += 1;
+        let nodes = &mut self.samples[s].nodes;
+        nodes.push(child);
+        let id = nodes.len() - 1;
+        nodes[node].children.insert(deleted, id);
+        Ok(id)
+    }
+
+    /// One alpha of the search for one budget: walks the layers over all samples exactly as the
+    /// authors' `fit_model`, returning whether the budget was reached and the floor-averaged scheme.
+    fn fit(&mut self, alpha: f64, budget: f64, observer: &dyn CalibrationObserver) -> Result<(bool, Vec<usize>), PruneError> {
+        self.counts.fits += 1;
+        let layers = self.flops.layers;
+        let count = self.samples.len();
+        let origin = self.flops.unpruned(self.visual as u64) as f64;
+        let mut left = vec![self.visual as u64; count];
+        let mut at = vec![0usize; count];
+        let mut scheme = vec![0usize; layers];
+        let mut already: u128 = 0;
+        let mut reached = false;
+        for l in 0..layers {
+            let mut forecast: u128 = 0;
+            for &n in &left {
+                already += self.flops.qkv(n) + self.flops.attn(n);
+                forecast += self.flops.rest(n) + (layers - 1 - l) as u128 * self.flops.layer(n);
+            }
+            if (already + forecast) as f64 / count as f64 <= origin * (1.0 - budget) {
+                reached = true;
+                self.counts.naive_layers += (l * count) as u64;
+                break;
+            }
+            for s in 0..count {
+                if observer.cancelled() {
+                    return Err(PruneError::Cancelled);
+                }
+                self.ensure_attention(s, at[s], l)?;
+                let deleted = self.decide(s, at[s], l, alpha)?;
+                scheme[l] += deleted.len();
+                left[s] -= deleted.len() as u64;
+                already += self.flops.rest(left[s]);
+                if l + 1 < layers {
+                    at[s] = self.child(s, at[s], l, deleted)?;
+                }
+            }
+        }
+        if !reached {
+            self.counts.naive_layers += (layers * count) as u64;
+        }
+        Ok((reached, scheme.into_iter().map(|d| d / count).collect()))
+    }
+
+    /// Rows to delete at a node for `alpha`: the intersection of the cross and self prefix sets.
+    fn decide(&self, s: usize, node: usize, layer: usize, alpha: f64) -> Result<Vec<u32>, PruneError> {
+        let sample = &self.samples[s];
+        let n = &sample.nodes[node];
+        let (_, scores, cross_rows) = n.attention.as_ref().ok_or(PruneError::Cancelled)?;
+        let (w_cross, w_self) = sample.stats[layer];
+        let cross: Vec<f32> = scores.cross_attn.iter().map(|&v| v / *cross_rows as f32).collect();
+        let by_cross = prefix_deletions(&cross, w_cross, alpha);
+        let by_self = prefix_deletions(&scores.self_attn, w_self, alpha);
+        let mut in_cross = vec![false; cross.len()];
+        by_cross.iter().for_each(|&j| in_cross[j] = true);
+        let visual_rows: Vec<u32> =
+            n.is_visual.iter().enumerate().filter(|(_, &v)| v).map(|(i, _)| i as u32).collect();
+        let mut rows: Vec<u32> = by_self.into_iter().filter(|&j| in_cross[j]).map(|j| visual_rows[j]).collect();
+        rows.sort_unstable();
+        Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::search_steps;
+
+    #[test]
+    fn tolerance_sets_the_number_of_search_steps() {
+        assert_eq!(search_steps(0.01), 7);
+        assert_eq!(search_steps(0.1), 4);
+        assert_eq!(search_steps(0.5), 1);
+    }
+}

@@ -1,0 +1,209 @@
+//! Pruning recipes: how many visual tokens each decoder layer deletes, for which model and
+//! visual-token count they were fitted, and the JSON form the API and files use.
+
+use serde::{Deserialize, Serialize};
+
+use super::flops::FlopsModel;
+use super::PruneError;
+
+/// A fitted (or imported) pruning recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recipe {
+    /// Stable id (assigned by the store; empty until then).
+    #[serde(default)]
+    pub id: String,
+    /// Human-readable name.
+    #[serde(default)]
+    pub name: String,
+    /// Fingerprint of the model it was fitted for.
+    #[serde(default)]
+    pub model_fingerprint: String,
+    /// Requested fraction of visual-token FLOPs to remove.
+    #[serde(default)]
+    pub budget: f64,
+    /// Fraction the recipe removes under the FLOPs model.
+    #[serde(default)]
+    pub achieved_reduction: f64,
+    /// Tokens deleted at each decoder layer.
+    pub deletions: Vec<usize>,
+    /// The alpha the search settled on (`None` for imported recipes).
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    /// Visual tokens per prompt it was fitted for (N).
+    #[serde(default)]
+    pub visual_tokens: usize,
+    /// Calibration samples used.
+    #[serde(default)]
+    pub samples: usize,
+    /// RFC 3339 creation time.
+    #[serde(default)]
+    pub created_at: String,
+    /// Calibration job that produced it, if any.
+    #[serde(default)]
+    pub job_id: Option<String>,
+}
+
+impl Recipe {
+    /// Checks the recipe against a decoder: one entry per layer and no more deletions than tokens.
+    pub fn validate(&self, layers: usize) -> Result<(), PruneError> {
+        if self.deletions.len() != layers {
+            return Err(PruneError::InvalidRecipe(format!(
+                "deletions has {} entries but the model has {layers} decoder layers",
+                self.deletions.len()
+            )));
+        }
+        let total: usize = self.deletions.iter().sum();
+        if self.visual_tokens == 0 {
+            return Err(PruneError::InvalidRecipe("visual_tokens must be positive".into()));
+        }
+        if total > self.visual_tokens {
+            return Err(PruneError::InvalidRecipe(format!(
+                "deletions sum to {total}, more than the {} visual tokens",
+                self.visual_tokens
+            )));
+        }
+        if !(0.0..1.0).contains(&self.budget) {
+            return Err(PruneError::InvalidRecipe(format!("budget {} is outside [0, 1)", self.budget)));
+        }
+        Ok(())
+    }
+
+    /// Per-layer deletions for a prompt with `n` visual tokens.
+    ///
+    /// A recipe is fitted for `visual_tokens` tokens; for another count each layer's deletions
+    /// scale by `n / visual_tokens`, rounded to nearest, so the recipe removes the same share
+    /// of tokens at the same depths (e.g. two images double every count).
+    pub fn deletions_for(&self, n: usize) -> Vec<usize> {
+        if n == self.visual_tokens || self.visual_tokens == 0 {
+            return self.deletions.clone();
+        }
+        let scale = n as f64 / self.visual_tokens as f64;
+        self.deletions.iter().map(|&d| (d as f64 * scale).round() as usize).collect()
+    }
+
+    /// Fills `achieved_reduction` from the FLOPs model.
+    pub fn with_reduction(mut self, flops: &FlopsModel) -> Self {
+        self.achieved_reduction = flops.reduction(self.visual_tokens as u64, &self.deletions);
+        self
+    }
+}
+
+/// The recipe with the largest budget at or below `budget` (ties: the later one), if any.
+pub fn select_by_budget(recipes: &[Recipe], budget: f64) -> Option<&Recipe> {
+    recipes.iter().filter(|r| r.budget <= budget + 1e-9).max_by(|a, b| a.budget.total_cmp(&b.budget))
+}
+
+/// The authors' published LLaVA-1.5-7B schemes (FitPrune `modeling_llama.py`), by percent.
+pub const AUTHORS_LLAVA15_7B: [(u32, [usize; 32]); 10] = [
+    (10, [0, 0, 1, 2, 1, 0, 1, 4, 5, 5, 11, 4, 2, 2, 0, 0, 1, 1, 2, 4, 2, 10, 1, 1, 1, 2, 1, 1, 0, 1, 0, 0]),
+    (20, [0, 0, 3, 3, 1, 1, 4, 16, 14, 15, 24, 4, 2, 3, 2, 0, 6, 0, 5, 13, 4, 19, 2, 1, 1, 1, 1, 1, 2, 1, 0, 0]),
+    (30, [0, 0, 7, 6, 4, 5, 16, 40, 24, 21, 24, 4, 2, 3, 4, 0, 16, 0, 11, 26, 6, 32, 3, 1, 0, 1, 2, 2, 4, 0, 0, 0]),
+    (40, [0, 1, 21, 13, 14, 11, 41, 53, 29, 15, 14, 5, 1, 4, 5, 1, 26, 1, 13, 28, 6, 27, 2, 1, 0, 0, 1, 1, 2, 0, 0, 0]),
+    (50, [3, 7, 49, 24, 29, 17, 59, 41, 26, 8, 10, 6, 2, 5, 7, 2, 30, 3, 13, 27, 5, 23, 2, 1, 0, 0, 1, 1, 2, 0, 0, 0]),
+    (55, [6, 17, 69, 31, 34, 19, 59, 30, 23, 6, 8, 7, 2, 5, 8, 2, 29, 4, 12, 25, 4, 19, 2, 1, 0, 0, 1, 0, 1, 0, 0, 0]),
+    (60, [14, 33, 89, 36, 36, 20, 55, 21, 18, 4, 7, 5, 2, 5, 7, 4, 26, 5, 11, 24, 4, 18, 2, 1, 0, 0, 1, 0, 1, 0, 0, 0]),
+    (70, [48, 79, 118, 41, 33, 17, 36, 9, 9, 2, 3, 2, 1, 3, 4, 8, 18, 7, 8, 20, 4, 13, 2, 1, 0, 0, 1, 0, 1, 0, 0, 0]),
+    (80, [128, 127, 118, 35, 26, 8, 13, 3, 2, 1, 0, 0, 0, 2, 1, 8, 7, 8, 5, 11, 2, 6, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0]),
+    (90, [262, 153, 80, 19, 13, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 1, 2, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]),
+];
+
+/// One of the authors' schemes as a recipe (`name` like `authors-llava15-7b-50`).
+pub fn authors_scheme(name: &str) -> Option<Recipe> {
+    let percent: u32 = name.strip_prefix("authors-llava15-7b-")?.parse().ok()?;
+    let (_, d) = AUTHORS_LLAVA15_7B.iter().find(|(p, _)| *p == percent)?;
+    let recipe = Recipe {
+        id: String::new(),
+        name: name.to_string(),
+        model_fingerprint: String::new(),
+        budget: f64::from(percent) / 100.0,
+        achieved_reduction: 0.0,
+        deletions: d.to_vec(),
+        alpha: None,
+        visual_tokens: 576,
+        samples: 0,
+        created_at: String::new(),
+        job_id: None,
+    };
+    Some(recipe.with_reduction(&FlopsModel::llava15_7b()))
+}
+
+/// Names of all built-in schemes.
+pub fn authors_scheme_names() -> Vec<String> {
+    AUTHORS_LLAVA15_7B.iter().map(|(p, _)| format!("authors-llava15-7b-{p}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recipe(deletions: Vec<usize>, n: usize) -> Recipe {
+        Recipe {
+            id: "r".into(),
+            name: "t".into(),
+            model_fingerprint: String::new(),
+            budget: 0.5,
+            achieved_reduction: 0.0,
+            deletions,
+            alpha: Some(0.5),
+            visual_tokens: n,
+            samples: 4,
+            created_at: String::new(),
+            job_id: None,
+        }
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        assert!(recipe(vec![1, 2, 3], 10).validate(3).is_ok());
+        let e = recipe(vec![1, 2], 10).validate(3).unwrap_err().to_string();
+        assert!(e.contains("2 entries") && e.contains("3 decoder layers"), "{e}");
+        let e = recipe(vec![5, 5, 5], 10).validate(3).unwrap_err().to_string();
+        assert!(e.contains("sum to 15"), "{e}");
+        let mut r = recipe(vec![0, 0, 0], 10);
+        r.budget = 1.5;
+        assert!(r.validate(3).unwrap_err().to_string().contains("budget"));
+    }
+
+    #[test]
+    fn scaling_to_another_token_count_rounds_per_layer() {
+        let r = recipe(vec![10, 3, 0, 7], 576);
+        assert_eq!(r.deletions_for(576), vec![10, 3, 0, 7]);
+        assert_eq!(r.deletions_for(1152), vec![20, 6, 0, 14]);
+        assert_eq!(r.deletions_for(144), vec![3, 1, 0, 2]);
+    }
+
+    #[test]
+    fn json_round_trip_and_minimal_import() {
+        let r = recipe(vec![1, 2, 3], 10);
+        let back: Recipe = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        let minimal: Recipe = serde_json::from_str(r#"{"deletions": [0, 4]}"#).unwrap();
+        assert_eq!(minimal.deletions, vec![0, 4]);
+        assert_eq!(minimal.alpha, None);
+    }
+
+    #[test]
+    fn selection_takes_the_largest_budget_not_above_the_request() {
+        let mk = |b: f64| Recipe { budget: b, ..recipe(vec![0], 1) };
+        let rs = vec![mk(0.3), mk(0.7), mk(0.5)];
+        assert_eq!(select_by_budget(&rs, 0.6).map(|r| r.budget), Some(0.5));
+        assert_eq!(select_by_budget(&rs, 0.7).map(|r| r.budget), Some(0.7));
+        assert_eq!(select_by_budget(&rs, 0.9).map(|r| r.budget), Some(0.7));
+        assert!(select_by_budget(&rs, 0.2).is_none());
+    }
+
+    #[test]
+    fn authors_schemes_are_valid_and_ordered() {
+        let names = authors_scheme_names();
+        assert_eq!(names.len(), 10);
+        let mut last = 0.0;
+        for n in &names {
+            let r = authors_scheme(n).unwrap();
+            r.validate(32).unwrap();
+            assert!(r.achieved_reduction > last, "{n}: {}", r.achieved_reduction);
+            last = r.achieved_reduction;
+        }
+        assert!(authors_scheme("authors-llava15-7b-45").is_none());
+        assert!(authors_scheme("nope").is_none());
+    }
+}

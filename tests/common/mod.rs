@@ -1,0 +1,52 @@
+//! Helpers shared by the integration tests: fixture paths and demo checkpoints.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use fitprune::model::config::FeatureSelect;
+use fitprune::model::demo::{write_demo_model, DemoOptions};
+use fitprune::model::llava::LoadOptions;
+use fitprune::model::LlavaModel;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// `demo-model` flags as the reference scripts record them.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DemoSpec {
+    pub seed: u64,
+    pub kv_heads: Option<usize>,
+    pub select_strategy: Option<String>,
+}
+
+/// tests/fixtures/parity.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
+}
+
+/// A parity input image by name.
+pub fn fixture_image(name: &str) -> image::DynamicImage {
+    image::open(fixtures().join(format!("{name}.png"))).unwrap()
+}
+
+/// Writes (once per `root`) and loads the demo checkpoint `spec`, checking its weights are the
+/// ones the reference script saw.
+pub fn demo_model(root: &Path, spec: &DemoSpec, sha256: &str) -> (PathBuf, LlavaModel) {
+    let dir = root.join(format!("seed{}-kv{:?}-{:?}", spec.seed, spec.kv_heads, spec.select_strategy));
+    if !dir.exists() {
+        let opts = DemoOptions {
+            seed: spec.seed,
+            kv_heads: spec.kv_heads,
+            select: match spec.select_strategy.as_deref() {
+                Some("full") => FeatureSelect::Full,
+                _ => FeatureSelect::Default,
+            },
+            ..Default::default()
+        };
+        write_demo_model(&dir, &opts).unwrap();
+    }
+    let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let digest: String = Sha256::digest(&weights).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(digest, sha256, "demo-model output changed; regenerate fixtures with tests/reference/*.py");
+    let model = LlavaModel::load(&dir, LoadOptions::default()).unwrap();
+    (dir, model)
+}
