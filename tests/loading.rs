@@ -12,7 +12,8 @@ use fitprune::model::LlavaModel;
 
 fn first_logits(dir: &Path) -> Vec<f32> {
     let model = LlavaModel::load(dir, LoadOptions::default()).unwrap();
-    let img = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(120, 90, |x, y| image::Rgb([x as u8, y as u8, 77])));
+    let img =
+        image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(120, 90, |x, y| image::Rgb([x as u8, y as u8, 77])));
     let msg = ChatMessage { role: "user".into(), content: vec![ContentPart::Image, ContentPart::Text("Hi".into())] };
     let prompt = model.prepare(&[msg], &[img]).unwrap();
     let out = model.prefill(&prompt, &mut model.new_cache(), &mut NoHook).unwrap();
@@ -48,7 +49,10 @@ fn demo_model_is_deterministic_per_seed() {
     for f in ["model.safetensors", "config.json", "tokenizer.json"] {
         assert_eq!(std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap(), "{f}");
     }
-    assert_ne!(std::fs::read(a.join("model.safetensors")).unwrap(), std::fs::read(c.join("model.safetensors")).unwrap());
+    assert_ne!(
+        std::fs::read(a.join("model.safetensors")).unwrap(),
+        std::fs::read(c.join("model.safetensors")).unwrap()
+    );
 }
 
 fn load_err(dir: &Path) -> String {
@@ -71,7 +75,8 @@ fn broken_directories_name_the_file_and_field() {
     std::fs::write(dir.join("config.json"), &cfg).unwrap();
 
     let pre = std::fs::read_to_string(dir.join("preprocessor_config.json")).unwrap();
-    std::fs::write(dir.join("preprocessor_config.json"), pre.replace("\"resample\": 3", "\"resample\": \"x\"")).unwrap();
+    std::fs::write(dir.join("preprocessor_config.json"), pre.replace("\"resample\": 3", "\"resample\": \"x\""))
+        .unwrap();
     let e = load_err(&dir);
     assert!(e.contains("resample"), "{e}");
     std::fs::write(dir.join("preprocessor_config.json"), &pre).unwrap();

@@ -68,11 +68,8 @@ fn demo_checkpoints_match_transformers() {
             assert!(diff <= 1e-4, "{}: logprob of token {id}: {} vs {want}", case.name, logprobs[*id as usize]);
         }
 
-        let params = GenerationParams {
-            sampling: SamplingParams::default(),
-            max_tokens: case.greedy.len(),
-            stop: Vec::new(),
-        };
+        let params =
+            GenerationParams { sampling: SamplingParams::default(), max_tokens: case.greedy.len(), stop: Vec::new() };
         let out = generate(&model, &prompt, &params, &mut NoHook, &mut |_| true).unwrap();
         let mut ids: Vec<u32> = out.tokens.iter().map(|t| t.id).collect();
         if out.finish_reason == FinishReason::Stop {

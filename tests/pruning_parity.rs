@@ -117,11 +117,8 @@ fn calibration_finds_the_authors_recipes_and_alphas() {
     let tmp = tempfile::tempdir().unwrap();
     let cal = expected().calibration;
     let (_, model): (_, LlavaModel) = demo_model(tmp.path(), &cal.model, &cal.weights_sha256);
-    let prompts: Vec<_> = cal
-        .samples
-        .iter()
-        .map(|s| model.prepare(&user(1, &s.text), &[fixture_image(&s.image)]).unwrap())
-        .collect();
+    let prompts: Vec<_> =
+        cal.samples.iter().map(|s| model.prepare(&user(1, &s.text), &[fixture_image(&s.image)]).unwrap()).collect();
     let opts = CalibrateOptions { budgets: cal.budgets.clone(), tolerance: cal.tolerance };
     let got = calibrate(&model, &prompts, &opts, &mut Silent).unwrap();
     for (g, want) in got.budgets.iter().zip(&cal.results) {

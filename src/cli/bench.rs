@@ -111,7 +111,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let calib: Vec<PreparedPrompt> = (0..args.samples).map(|i| prompt_for(i + 1)).collect::<anyhow::Result<_>>()?;
     let started = Instant::now();
-    let fitted = calibrate(&model, &calib, &CalibrateOptions { budgets: args.budgets.clone(), tolerance: 0.01 }, &mut Silent)?;
+    let fitted =
+        calibrate(&model, &calib, &CalibrateOptions { budgets: args.budgets.clone(), tolerance: 0.01 }, &mut Silent)?;
     let c = fitted.counts;
     eprintln!(
         "calibrated {} budgets on {} synthetic samples in {:.1}s ({:.0} layer evaluations vs {} naive, {:.1}x fewer)",
@@ -130,7 +131,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut rows = vec![(0.0, vec![0; flops.layers])];
     rows.extend(fitted.budgets.iter().filter(|b| b.alpha.is_some()).map(|b| (b.budget, b.deletions.clone())));
 
-    println!("model: {} | prompt {} tokens ({} visual) | {} reps, median [min..max]", dir.display(), prompt.input_ids.len(), n, args.reps);
+    println!(
+        "model: {} | prompt {} tokens ({} visual) | {} reps, median [min..max]",
+        dir.display(),
+        prompt.input_ids.len(),
+        n,
+        args.reps
+    );
     println!(
         "| budget | kept visual | FLOPs ratio (visual / whole prompt) | LLM prefill s | prefill ratio | ratio / FLOPs | TTFT s | decode tok/s |"
     );

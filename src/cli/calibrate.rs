@@ -70,11 +70,14 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let mut prompts = Vec::with_capacity(samples.len());
     for s in &samples {
         let image = load_image(&s.image.to_string_lossy())?;
-        let msg = ChatMessage { role: "user".into(), content: vec![ContentPart::Image, ContentPart::Text(s.text.clone())] };
+        let msg =
+            ChatMessage { role: "user".into(), content: vec![ContentPart::Image, ContentPart::Text(s.text.clone())] };
         prompts.push(model.prepare(&[msg], std::slice::from_ref(&image))?);
     }
     let bar = ProgressBar::new(1);
-    bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")?.progress_chars("=> "));
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")?.progress_chars("=> "),
+    );
     let started = Instant::now();
     let opts = CalibrateOptions { budgets: args.budgets.clone(), tolerance: args.tolerance };
     let result = calibrate(&model, &prompts, &opts, &mut Bar(bar.clone()))?;
@@ -116,7 +119,13 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         c.fits
     );
     for r in &recipes {
-        eprintln!("  budget {:.2}: alpha {:.4}, achieved {:.3}, deletions {:?}", r.budget, r.alpha.unwrap_or(0.0), r.achieved_reduction, r.deletions);
+        eprintln!(
+            "  budget {:.2}: alpha {:.4}, achieved {:.3}, deletions {:?}",
+            r.budget,
+            r.alpha.unwrap_or(0.0),
+            r.achieved_reduction,
+            r.deletions
+        );
     }
     let json = serde_json::to_string_pretty(&recipes)?;
     match &args.out {

@@ -193,12 +193,10 @@ fn choose_recipe(args: &GenerateArgs, layers: usize) -> anyhow::Result<Option<Re
         (None, None) => return Ok(None),
         (Some(path), budget) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            let value: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-            let recipes: Vec<Recipe> = if value.is_array() {
-                serde_json::from_value(value)?
-            } else {
-                vec![serde_json::from_value(value)?]
-            };
+            let value: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            let recipes: Vec<Recipe> =
+                if value.is_array() { serde_json::from_value(value)? } else { vec![serde_json::from_value(value)?] };
             match budget {
                 Some(b) => select_by_budget(&recipes, b).cloned(),
                 None if recipes.len() == 1 => recipes.into_iter().next(),

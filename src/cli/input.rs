@@ -35,7 +35,10 @@ pub fn parse_dtype(s: &str, device: &Device) -> anyhow::Result<DType> {
 /// Reads an image from a local path or an http(s) URL (at most 32 MiB).
 pub fn load_image(src: &str) -> anyhow::Result<DynamicImage> {
     let bytes = if src.starts_with("http://") || src.starts_with("https://") {
-        let resp = ureq::get(src).timeout(std::time::Duration::from_secs(30)).call().with_context(|| format!("fetching {src}"))?;
+        let resp = ureq::get(src)
+            .timeout(std::time::Duration::from_secs(30))
+            .call()
+            .with_context(|| format!("fetching {src}"))?;
         let mut buf = Vec::new();
         resp.into_reader().take(32 << 20).read_to_end(&mut buf).with_context(|| format!("reading {src}"))?;
         buf

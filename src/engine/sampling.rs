@@ -57,11 +57,7 @@ impl Sampler {
     /// Chooses the next token from (vocab,) logits.
     pub fn choose(&mut self, logits: &[f32]) -> Choice {
         let logprobs = log_softmax(logits);
-        let token = if self.params.temperature <= 0.0 {
-            argmax(logits)
-        } else {
-            self.sample(logits)
-        };
+        let token = if self.params.temperature <= 0.0 { argmax(logits) } else { self.sample(logits) };
         let top = top_k(&logprobs, self.params.top_logprobs);
         Choice { token, logprob: logprobs[token as usize], top }
     }

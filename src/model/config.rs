@@ -420,7 +420,8 @@ mod tests {
 
     #[test]
     fn full_strategy_keeps_cls() {
-        let s = LLAVA_15_7B.replace("\"vision_feature_select_strategy\": \"default\"", "\"vision_feature_select_strategy\": \"full\"");
+        let s = LLAVA_15_7B
+            .replace("\"vision_feature_select_strategy\": \"default\"", "\"vision_feature_select_strategy\": \"full\"");
         assert_eq!(LlavaConfig::from_json_str(&s).unwrap().image_feature_count(), 577);
     }
 

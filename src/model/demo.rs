@@ -48,7 +48,14 @@ pub struct DemoOptions {
 
 impl Default for DemoOptions {
     fn default() -> Self {
-        Self { preset: Preset::Tiny, seed: 0, kv_heads: None, select: FeatureSelect::Default, layout: TensorLayout::Hub, shards: 1 }
+        Self {
+            preset: Preset::Tiny,
+            seed: 0,
+            kv_heads: None,
+            select: FeatureSelect::Default,
+            layout: TensorLayout::Hub,
+            shards: 1,
+        }
     }
 }
 
@@ -159,21 +166,33 @@ pub fn write_demo_model(dir: &Path, opts: &DemoOptions) -> Result<DemoSummary> {
         }
     });
     write_json(dir, "config.json", &config)?;
-    write_json(dir, "preprocessor_config.json", &json!({
-        "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
-        "do_resize": true, "size": {"shortest_edge": s.image}, "resample": 3,
-        "do_center_crop": true, "crop_size": {"height": s.image, "width": s.image},
-        "do_rescale": true, "rescale_factor": 1.0 / 255.0, "do_normalize": true,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": true
-    }))?;
-    write_json(dir, "processor_config.json", &json!({
-        "processor_class": "LlavaProcessor", "image_token": "<image>", "patch_size": s.patch,
-        "vision_feature_select_strategy": select, "num_additional_image_tokens": 1
-    }))?;
-    write_json(dir, "generation_config.json", &json!({
-        "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id
-    }))?;
+    write_json(
+        dir,
+        "preprocessor_config.json",
+        &json!({
+            "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
+            "do_resize": true, "size": {"shortest_edge": s.image}, "resample": 3,
+            "do_center_crop": true, "crop_size": {"height": s.image, "width": s.image},
+            "do_rescale": true, "rescale_factor": 1.0 / 255.0, "do_normalize": true,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": true
+        }),
+    )?;
+    write_json(
+        dir,
+        "processor_config.json",
+        &json!({
+            "processor_class": "LlavaProcessor", "image_token": "<image>", "patch_size": s.patch,
+            "vision_feature_select_strategy": select, "num_additional_image_tokens": 1
+        }),
+    )?;
+    write_json(
+        dir,
+        "generation_config.json",
+        &json!({
+            "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id
+        }),
+    )?;
 
     let tensors = random_tensors(&s, vocab, opts.seed)?;
     let parameters = tensors.iter().map(|(_, t)| t.elem_count()).sum();
@@ -317,7 +336,11 @@ fn write_safetensors(dir: &Path, tensors: Vec<(String, Tensor)>, shards: usize) 
         }
         save(&file, part)?;
     }
-    write_json(dir, "model.safetensors.index.json", &json!({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    write_json(
+        dir,
+        "model.safetensors.index.json",
+        &json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
+    )
 }
 
 fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> Result<()> {

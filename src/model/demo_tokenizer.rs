@@ -180,7 +180,7 @@ pub fn build_demo_tokenizer(target_vocab: usize) -> Result<(Tokenizer, DemoToken
         .map_err(|e| DemoTokenizerError::Build(format!("post-processor: {e}")))?;
     tokenizer.with_post_processor(Some(post));
     let specials = [UNK, BOS, EOS, IMAGE, PAD].map(|t| AddedToken::from(t, true));
-    tokenizer.add_special_tokens(&specials);
+    tokenizer.add_special_tokens(specials).map_err(|e| DemoTokenizerError::Build(format!("special tokens: {e}")))?;
 
     let id = |t: &str| tokenizer.token_to_id(t).ok_or_else(|| DemoTokenizerError::Build(format!("{t} has no id")));
     let ids = DemoTokenizer {
@@ -308,6 +308,8 @@ fn tokenizer_config(ids: &DemoTokenizer) -> Value {
         "clean_up_tokenization_spaces": false,
         "eos_token": EOS,
         "model_max_length": 4096,
+        // Llama's tokenizers produce no token_type_ids; generate() rejects them.
+        "model_input_names": ["input_ids", "attention_mask"],
         "pad_token": PAD,
         "padding_side": "left",
         "tokenizer_class": "PreTrainedTokenizerFast",

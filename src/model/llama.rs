@@ -139,10 +139,8 @@ fn position_mask(rows: &[u32], keys: &[u32], device: &Device) -> Result<Option<T
     if keys.iter().all(|&k| k <= min_row) {
         return Ok(None);
     }
-    let mask: Vec<f32> = rows
-        .iter()
-        .flat_map(|&r| keys.iter().map(move |&k| if k <= r { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
+    let mask: Vec<f32> =
+        rows.iter().flat_map(|&r| keys.iter().map(move |&k| if k <= r { 0.0 } else { f32::NEG_INFINITY })).collect();
     Ok(Some(Tensor::from_vec(mask, (rows.len(), keys.len()), device)?))
 }
 
@@ -178,7 +176,13 @@ impl Attention {
 
     /// Attention output before `o_proj`, (batch, rows, heads * head_dim), and optionally the
     /// probabilities (batch, heads, rows, keys) in f32.
-    fn attend(&self, x: &Tensor, step: &Step, cache: &mut LayerCache, want_probs: bool) -> Result<(Tensor, Option<Tensor>)> {
+    fn attend(
+        &self,
+        x: &Tensor,
+        step: &Step,
+        cache: &mut LayerCache,
+        want_probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, s, _) = x.dims3()?;
         let split = |t: Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((b, s, n, self.head_dim))?.transpose(1, 2)?.contiguous()?)

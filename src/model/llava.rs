@@ -91,8 +91,8 @@ impl LlavaModel {
         if !tok_path.exists() {
             return Err(ModelError::MissingFile { path: tok_path, what: "the fast tokenizer".into() });
         }
-        let tokenizer =
-            Tokenizer::from_file(&tok_path).map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tok_path.display())))?;
+        let tokenizer = Tokenizer::from_file(&tok_path)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tok_path.display())))?;
         match tokenizer.token_to_id(&image_token) {
             Some(id) if id == config.image_token_index => {}
             other => {
@@ -187,10 +187,7 @@ impl LlavaModel {
             )));
         }
         let expanded = expand_image_tokens(&text, &self.image_token, self.config.image_feature_count());
-        let encoding = self
-            .tokenizer
-            .encode(expanded, true)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let encoding = self.tokenizer.encode(expanded, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         let input_ids = encoding.get_ids().to_vec();
         let per_image = self.config.image_feature_count();
         let runs = runs_of(&input_ids, self.config.image_token_index);
@@ -201,10 +198,8 @@ impl LlavaModel {
                 runs.iter().map(|r| r.len()).collect::<Vec<_>>()
             )));
         }
-        let image_spans: Vec<Range<usize>> = runs
-            .iter()
-            .flat_map(|r| r.clone().step_by(per_image).map(move |s| s..s + per_image))
-            .collect();
+        let image_spans: Vec<Range<usize>> =
+            runs.iter().flat_map(|r| r.clone().step_by(per_image).map(move |s| s..s + per_image)).collect();
         if image_spans.len() != images.len() {
             return Err(ModelError::InvalidInput(format!(
                 "{} images were given but the tokenized prompt holds {}",

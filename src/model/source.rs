@@ -36,7 +36,9 @@ pub fn resolve(model: Option<&str>) -> Result<ModelSource> {
             let dir = demo_model_dir()?;
             Ok(ModelSource { dir, is_demo: true, name: "fitprune-demo".into() })
         }
-        Some(m) if Path::new(m).exists() => Ok(ModelSource { dir: PathBuf::from(m), is_demo: false, name: m.to_string() }),
+        Some(m) if Path::new(m).exists() => {
+            Ok(ModelSource { dir: PathBuf::from(m), is_demo: false, name: m.to_string() })
+        }
         Some(id) if id.split('/').count() == 2 && !id.starts_with('.') => {
             Ok(ModelSource { dir: from_hub(id)?, is_demo: false, name: id.to_string() })
         }
@@ -81,14 +83,17 @@ pub fn demo_model_dir() -> Result<PathBuf> {
 fn from_hub(id: &str) -> Result<PathBuf> {
     let cache = hf_hub::Cache::from_env();
     let cached = cache.model(id.to_string());
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone()).build().map_err(|e| ModelError::Hub(e.to_string()));
+    let api =
+        hf_hub::api::sync::ApiBuilder::from_cache(cache.clone()).build().map_err(|e| ModelError::Hub(e.to_string()));
     let get = |file: &str, required: bool| -> Result<Option<PathBuf>> {
         if let Some(p) = cached.get(file) {
             return Ok(Some(p));
         }
         let api = match &api {
             Ok(api) => api,
-            Err(e) if required => return Err(ModelError::Hub(format!("{id}/{file} is not cached and the hub is unreachable: {e}"))),
+            Err(e) if required => {
+                return Err(ModelError::Hub(format!("{id}/{file} is not cached and the hub is unreachable: {e}")))
+            }
             Err(_) => return Ok(None),
         };
         match api.model(id.to_string()).get(file) {

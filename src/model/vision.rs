@@ -22,8 +22,13 @@ struct Embeddings {
 impl Embeddings {
     fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
         let conv = Conv2dConfig { stride: cfg.patch_size, ..Default::default() };
-        let patch_embedding =
-            candle_nn::conv2d_no_bias(cfg.num_channels, cfg.hidden_size, cfg.patch_size, conv, vb.pp("patch_embedding"))?;
+        let patch_embedding = candle_nn::conv2d_no_bias(
+            cfg.num_channels,
+            cfg.hidden_size,
+            cfg.patch_size,
+            conv,
+            vb.pp("patch_embedding"),
+        )?;
         let side = cfg.image_size / cfg.patch_size;
         let num_positions = side * side + 1;
         Ok(Self {

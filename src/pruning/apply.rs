@@ -75,7 +75,12 @@ impl DecoderHook for PruneHook {
         self.deletions.get(layer).is_some_and(|&d| d > 0) && self.visual_kept() > 0
     }
 
-    fn on_attention(&mut self, layer: usize, probs: &Tensor, positions: &[u32]) -> Result<Option<Vec<u32>>, ModelError> {
+    fn on_attention(
+        &mut self,
+        layer: usize,
+        probs: &Tensor,
+        positions: &[u32],
+    ) -> Result<Option<Vec<u32>>, ModelError> {
         let (_, _, rows, keys) = probs.dims4()?;
         // Only a prefill over the whole prompt prunes; a step that extends a cache does not.
         if rows != keys || rows != self.is_visual.len() {
@@ -90,7 +95,8 @@ impl DecoderHook for PruneHook {
             drop[roles.visual[j] as usize] = true;
         }
         let keep: Vec<u32> = (0..rows as u32).filter(|&i| !drop[i as usize]).collect();
-        let kept_visual = keep.iter().filter(|&&i| self.is_visual[i as usize]).map(|&i| positions[i as usize]).collect();
+        let kept_visual =
+            keep.iter().filter(|&&i| self.is_visual[i as usize]).map(|&i| positions[i as usize]).collect();
         self.is_visual = keep.iter().map(|&i| self.is_visual[i as usize]).collect();
         self.trace.push(LayerPrune { layer, kept_visual });
         Ok(Some(keep))

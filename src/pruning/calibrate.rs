@@ -216,7 +216,10 @@ fn validate(prompts: &[PreparedPrompt], opts: &CalibrateOptions) -> Result<(), P
     let n = prompts[0].visual_tokens();
     for (i, p) in prompts.iter().enumerate() {
         if p.visual_tokens() == 0 || p.visual_tokens() != n {
-            return bad(format!("sample {i} has {} visual tokens; every sample needs the same non-zero count ({n})", p.visual_tokens()));
+            return bad(format!(
+                "sample {i} has {} visual tokens; every sample needs the same non-zero count ({n})",
+                p.visual_tokens()
+            ));
         }
         let last_visual = p.image_spans.iter().map(|r| r.end).max().unwrap_or(0);
         if last_visual >= p.input_ids.len() {
@@ -249,7 +252,8 @@ impl Calibrator<'_> {
                 return Err(PruneError::Cancelled);
             }
             self.ensure_attention(s, node, l)?;
-            let (_, scores, cross_rows) = self.samples[s].nodes[node].attention.as_ref().ok_or(PruneError::Cancelled)?;
+            let (_, scores, cross_rows) =
+                self.samples[s].nodes[node].attention.as_ref().ok_or(PruneError::Cancelled)?;
             let w_cross = scores.cross_attn.iter().map(|&v| f64::from(v)).sum::<f64>() / *cross_rows as f64;
             let w_self = scores.self_attn.iter().map(|&v| f64::from(v)).sum::<f64>();
             self.samples[s].stats.push((w_cross, w_self));
@@ -301,7 +305,12 @@ impl Calibrator<'_> {
 
     /// One alpha of the search for one budget: walks the layers over all samples exactly as the
     /// authors' `fit_model`, returning whether the budget was reached and the floor-averaged scheme.
-    fn fit(&mut self, alpha: f64, budget: f64, observer: &dyn CalibrationObserver) -> Result<(bool, Vec<usize>), PruneError> {
+    fn fit(
+        &mut self,
+        alpha: f64,
+        budget: f64,
+        observer: &dyn CalibrationObserver,
+    ) -> Result<(bool, Vec<usize>), PruneError> {
         self.counts.fits += 1;
         let layers = self.flops.layers;
         let count = self.samples.len();
@@ -353,8 +362,7 @@ impl Calibrator<'_> {
         let by_self = prefix_deletions(&scores.self_attn, w_self, alpha);
         let mut in_cross = vec![false; cross.len()];
         by_cross.iter().for_each(|&j| in_cross[j] = true);
-        let visual_rows: Vec<u32> =
-            n.is_visual.iter().enumerate().filter(|(_, &v)| v).map(|(i, _)| i as u32).collect();
+        let visual_rows: Vec<u32> = n.is_visual.iter().enumerate().filter(|(_, &v)| v).map(|(i, _)| i as u32).collect();
         let mut rows: Vec<u32> = by_self.into_iter().filter(|&j| in_cross[j]).map(|j| visual_rows[j]).collect();
         rows.sort_unstable();
         Ok(rows)

@@ -147,8 +147,8 @@ mod tests {
     #[test]
     fn prefix_rule_matches_the_authors_loop() {
         let v = [0.4f32, 0.1, 0.3, 0.2]; // ascending: 1 (0.1), 3 (0.2), 2 (0.3), 0 (0.4); total 1.0
-        // alpha 0.35 with reference 1.0: bound 0.65. Removing 0.1 leaves 0.9, +0.2 leaves 0.7,
-        // +0.3 leaves 0.4 < 0.65 -> first breaking i is 3 -> delete i - 1 = 2 tokens.
+                                         // alpha 0.35 with reference 1.0: bound 0.65. Removing 0.1 leaves 0.9, +0.2 leaves 0.7,
+                                         // +0.3 leaves 0.4 < 0.65 -> first breaking i is 3 -> delete i - 1 = 2 tokens.
         assert_eq!(prefix_deletions(&v, 1.0, 0.35), vec![1, 3]);
         assert!(prefix_deletions(&v, 1.0, 0.0).is_empty());
         // The current mass already below the bound: nothing is deleted.
