@@ -1,0 +1,103 @@
+//! The `fitprune` binary end to end: demo-model, generate (plain and pruned), calibrate.
+
+use std::path::Path;
+use std::process::Command;
+
+use fitprune::pruning::Recipe;
+
+fn fitprune(args: &[&str], cache: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fitprune"))
+        .args(args)
+        .env("FITPRUNE_CACHE_DIR", cache)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run fitprune")
+}
+
+fn image(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity").join(name).display().to_string()
+}
+
+#[test]
+fn generate_on_the_builtin_demo_model_labels_random_weights() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = fitprune(&["generate", "--image", &image("wide.png"), "--max-tokens", "4", "--json"], cache.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("RANDOM WEIGHTS"));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["random_weights"], true);
+    assert_eq!(doc["image_tokens"], 144);
+    assert!(doc["tokens"].as_array().unwrap().len() <= 4);
+    assert!(doc["timings"]["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn calibrate_then_generate_pruned() {
+    let cache = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let model = work.path().join("model");
+    assert!(fitprune(&["demo-model", model.to_str().unwrap()], cache.path()).status.success());
+    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
+    let dataset = work.path().join("calib.jsonl");
+    std::fs::write(
+        &dataset,
+        "{\"question_id\": 1, \"image\": \"wide.png\", \"text\": \"What is in the image?\"}\n\
+         {\"question_id\": \"b\", \"image\": \"tall.png\", \"text\": \"Describe the colours.\"}\n",
+    )
+    .unwrap();
+    let recipes = work.path().join("recipes.json");
+    let out = fitprune(
+        &[
+            "calibrate", "--model", model.to_str().unwrap(), "--dataset", dataset.to_str().unwrap(),
+            "--image-dir", images.to_str().unwrap(), "--budgets", "0.3,0.6", "--out", recipes.to_str().unwrap(),
+        ],
+        cache.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("layer evaluations"), "{stderr}");
+    let fitted: Vec<Recipe> = serde_json::from_str(&std::fs::read_to_string(&recipes).unwrap()).unwrap();
+    assert_eq!(fitted.len(), 2);
+    for r in &fitted {
+        assert_eq!(r.deletions.len(), 4);
+        assert_eq!(r.visual_tokens, 144);
+        // The search stops when the per-sample average meets the budget, but the recipe is the
+        // floor-averaged deletion count (the authors' rule), which can lose up to one token per
+        // layer: the recipe's own reduction may fall just short of the budget.
+        assert!((r.achieved_reduction - r.budget).abs() < 0.02, "{r:?}");
+        assert_eq!(r.model_fingerprint.len(), 32);
+    }
+
+    let out = fitprune(
+        &[
+            "generate", "--model", model.to_str().unwrap(), "--image", &image("square.png"), "--max-tokens", "3",
+            "--json", "--recipe", recipes.to_str().unwrap(), "--budget", "0.5",
+        ],
+        cache.path(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let p = &doc["pruning"];
+    assert_eq!(p["budget"], 0.3, "0.5 selects the largest budget not above it");
+    assert_eq!(p["visual_tokens"], 144);
+    assert!(p["visual_tokens_kept"].as_u64().unwrap() < 144);
+    assert!((p["flops_reduction"].as_f64().unwrap() - fitted[0].achieved_reduction).abs() < 1e-9);
+}
+
+#[test]
+fn a_bad_dataset_line_is_named() {
+    let cache = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let model = work.path().join("model");
+    assert!(fitprune(&["demo-model", model.to_str().unwrap()], cache.path()).status.success());
+    let dataset = work.path().join("bad.jsonl");
+    std::fs::write(&dataset, "{\"question_id\": 1, \"image\": \"wide.png\", \"text\": \"ok\"}\n{\"question_id\": 2}\n").unwrap();
+    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
+    let out = fitprune(
+        &["calibrate", "--model", model.to_str().unwrap(), "--dataset", dataset.to_str().unwrap(), "--image-dir", images.to_str().unwrap()],
+        cache.path(),
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 2"), "{stderr}");
+}
