@@ -5,6 +5,7 @@ mod calibrate;
 mod demo;
 mod generate;
 mod input;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -28,9 +29,19 @@ enum Command {
     Calibrate(calibrate::CalibrateArgs),
     /// Measure pruned vs unpruned prefill, TTFT and decode speed side by side.
     Bench(bench::BenchArgs),
+    /// Serve the OpenAI-compatible HTTP API (chat completions with images, metrics).
+    Serve(crate::config::ServeArgs),
 }
 
 impl Cli {
+    /// The log format asked for (`serve --log-format`; text for every other command).
+    pub fn log_format(&self) -> crate::config::LogFormat {
+        match &self.command {
+            Command::Serve(args) => args.log_format,
+            _ => crate::config::LogFormat::Text,
+        }
+    }
+
     /// Runs the chosen command.
     pub fn run(self) -> anyhow::Result<()> {
         match self.command {
@@ -38,6 +49,7 @@ impl Cli {
             Command::Generate(args) => generate::run(args),
             Command::Calibrate(args) => calibrate::run(args),
             Command::Bench(args) => bench::run(args),
+            Command::Serve(args) => serve::run(args),
         }
     }
 }

@@ -1,0 +1,220 @@
+//! Typed server settings: `fitprune serve` flags (each also a `FITPRUNE_*` environment
+//! variable), validated once into a [`ServerConfig`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use clap::{Parser, ValueEnum};
+
+use crate::engine::EngineConfig;
+use crate::validation::ImageLimits;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of `fitprune serve`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "serve")]
+pub struct ServeArgs {
+    /// Model directory or hub id; omitted = the built-in demo model (random weights).
+    #[arg(long, env = "FITPRUNE_MODEL")]
+    pub model: Option<String>,
+    /// Address to listen on.
+    #[arg(long, env = "FITPRUNE_ADDR", default_value = "0.0.0.0:8080")]
+    pub addr: SocketAddr,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "FITPRUNE_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// f32 (CPU), f16 or bf16 (CUDA).
+    #[arg(long, env = "FITPRUNE_DTYPE", default_value = "f32")]
+    pub dtype: String,
+    /// Pad images to a square with the mean colour before resizing (original LLaVA).
+    #[arg(long, env = "FITPRUNE_PAD_TO_SQUARE")]
+    pub pad_to_square: bool,
+    /// The model name clients send and see (default: the --model value, or `fitprune-demo`).
+    #[arg(long, env = "FITPRUNE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Requests allowed to wait for a running slot; more get 429.
+    #[arg(long, env = "FITPRUNE_MAX_WAITING", default_value_t = 64)]
+    pub max_waiting: usize,
+    /// Sequences decoded concurrently (round-robin, one token each per round).
+    #[arg(long, env = "FITPRUNE_MAX_RUNNING", default_value_t = 8)]
+    pub max_running: usize,
+    /// Seconds a request may take, queue wait included.
+    #[arg(long, env = "FITPRUNE_REQUEST_TIMEOUT", default_value_t = 600.0)]
+    pub request_timeout: f64,
+    /// Largest request body in bytes.
+    #[arg(long, env = "FITPRUNE_MAX_BODY_BYTES", default_value_t = 20 << 20)]
+    pub max_body_bytes: usize,
+    /// Largest encoded image in bytes.
+    #[arg(long, env = "FITPRUNE_MAX_IMAGE_BYTES", default_value_t = 16 << 20)]
+    pub max_image_bytes: usize,
+    /// Most pixels (width × height) per image, checked before decoding.
+    #[arg(long, env = "FITPRUNE_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
+    /// Most images per request.
+    #[arg(long, env = "FITPRUNE_MAX_IMAGES", default_value_t = 8)]
+    pub max_images: usize,
+    /// Seconds allowed to fetch one image URL.
+    #[arg(long, env = "FITPRUNE_IMAGE_FETCH_TIMEOUT", default_value_t = 10.0)]
+    pub image_fetch_timeout: f64,
+    /// Allow image URLs on private, loopback and link-local addresses.
+    #[arg(long, env = "FITPRUNE_ALLOW_PRIVATE_IMAGE_URLS")]
+    pub allow_private_image_urls: bool,
+    /// JSON file with pruning recipes (one object or a list) to serve `pruning` requests from.
+    #[arg(long, env = "FITPRUNE_RECIPES")]
+    pub recipes: Option<PathBuf>,
+    /// Pruning budget for requests without a `pruning` field (default: unpruned).
+    #[arg(long, env = "FITPRUNE_DEFAULT_BUDGET")]
+    pub default_budget: Option<f64>,
+    /// Require `Authorization: Bearer <key>` on /v1 routes.
+    #[arg(long, env = "FITPRUNE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Seconds to let in-flight requests finish after SIGINT/SIGTERM before cancelling them.
+    #[arg(long, env = "FITPRUNE_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
+    /// Log format.
+    #[arg(long, env = "FITPRUNE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// A setting that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag}: {message}")]
+pub struct ConfigError {
+    /// The flag at fault.
+    pub flag: &'static str,
+    /// Why.
+    pub message: String,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// `--model` (None = demo model).
+    pub model: Option<String>,
+    /// Listen address.
+    pub addr: SocketAddr,
+    /// Device and its label.
+    pub device: Device,
+    /// `--device` as given.
+    pub device_label: String,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// Pad images to square.
+    pub pad_to_square: bool,
+    /// The name clients use.
+    pub served_model_name: String,
+    /// Queue and timeouts.
+    pub engine: EngineConfig,
+    /// Image limits.
+    pub images: ImageLimits,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Recipes file.
+    pub recipes: Option<PathBuf>,
+    /// Budget when a request has no `pruning`.
+    pub default_budget: Option<f64>,
+    /// API key for /v1.
+    pub api_key: Option<String>,
+    /// Grace period on shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+fn seconds(flag: &'static str, s: f64) -> Result<Duration, ConfigError> {
+    Duration::try_from_secs_f64(s)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| ConfigError { flag, message: format!("must be a positive number of seconds, got {s}") })
+}
+
+fn positive(flag: &'static str, n: usize) -> Result<usize, ConfigError> {
+    if n == 0 {
+        return Err(ConfigError { flag, message: "must be at least 1".into() });
+    }
+    Ok(n)
+}
+
+impl ServeArgs {
+    /// Checks every setting and resolves the device.
+    pub fn validate(self) -> Result<ServerConfig, ConfigError> {
+        let device = crate::cli::parse_device(&self.device)
+            .map_err(|e| ConfigError { flag: "device", message: e.to_string() })?;
+        let dtype = crate::cli::parse_dtype(&self.dtype, &device)
+            .map_err(|e| ConfigError { flag: "dtype", message: e.to_string() })?;
+        if let Some(b) = self.default_budget {
+            if !(0.0..1.0).contains(&b) {
+                return Err(ConfigError { flag: "default-budget", message: format!("must be in [0, 1), got {b}") });
+            }
+        }
+        if self.api_key.as_deref() == Some("") {
+            return Err(ConfigError { flag: "api-key", message: "must not be empty".into() });
+        }
+        let served_model_name = self
+            .served_model_name
+            .clone()
+            .or_else(|| self.model.clone())
+            .unwrap_or_else(|| "fitprune-demo".to_string());
+        let images = ImageLimits {
+            max_images: self.max_images,
+            max_bytes: positive("max-image-bytes", self.max_image_bytes)?,
+            max_pixels: self.max_image_pixels.max(1),
+            fetch_timeout: seconds("image-fetch-timeout", self.image_fetch_timeout)?,
+            max_redirects: 3,
+            allow_private: self.allow_private_image_urls,
+        };
+        Ok(ServerConfig {
+            model: self.model,
+            addr: self.addr,
+            device,
+            device_label: self.device,
+            dtype,
+            pad_to_square: self.pad_to_square,
+            served_model_name,
+            engine: EngineConfig {
+                max_waiting: self.max_waiting,
+                max_running: positive("max-running", self.max_running)?,
+                request_timeout: seconds("request-timeout", self.request_timeout)?,
+            },
+            images,
+            max_body_bytes: positive("max-body-bytes", self.max_body_bytes)?,
+            recipes: self.recipes,
+            default_budget: self.default_budget,
+            api_key: self.api_key,
+            shutdown_timeout: seconds("shutdown-timeout", self.shutdown_timeout)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_issue_and_bad_values_name_the_flag() {
+        let cfg = ServeArgs::parse_from(["serve"]).validate().unwrap();
+        assert_eq!(cfg.addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(cfg.engine.max_waiting, 64);
+        assert_eq!(cfg.images.max_bytes, 16 << 20);
+        assert_eq!(cfg.images.max_pixels, 40_000_000);
+        assert_eq!(cfg.images.max_images, 8);
+        assert_eq!(cfg.images.fetch_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.max_body_bytes, 20 << 20);
+        assert_eq!(cfg.served_model_name, "fitprune-demo");
+        let e = ServeArgs::parse_from(["serve", "--default-budget", "1.5"]).validate().unwrap_err();
+        assert_eq!(e.flag, "default-budget");
+        let e = ServeArgs::parse_from(["serve", "--max-running", "0"]).validate().unwrap_err();
+        assert_eq!(e.flag, "max-running");
+        let e = ServeArgs::parse_from(["serve", "--device", "tpu"]).validate().unwrap_err();
+        assert_eq!(e.flag, "device");
+    }
+}

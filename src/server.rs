@@ -1,0 +1,140 @@
+//! Server lifecycle: build the state (engine thread loading the model in the background, so
+//! `/health` answers 503 meanwhile), listen, and shut down gracefully on SIGINT/SIGTERM — stop
+//! accepting, let in-flight requests finish for `--shutdown-timeout`, then cancel the rest.
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::api::{build_app, ApiSettings, AppState};
+use crate::config::ServerConfig;
+use crate::engine::recipes::{FileRecipes, RecipeSource};
+use crate::engine::{Engine, EngineState, LoadedModel};
+use crate::metrics::Metrics;
+use crate::model::llava::LoadOptions;
+use crate::model::{source, LlavaModel};
+use crate::validation::images::ImageFetcher;
+use crate::validation::ValidationSettings;
+
+/// Builds the application state and starts the engine thread (which loads the model).
+pub fn start(cfg: &ServerConfig) -> anyhow::Result<(AppState, JoinHandle<()>, Arc<FileRecipes>)> {
+    let metrics = Metrics::new()?;
+    let recipes = Arc::new(match &cfg.recipes {
+        Some(path) => FileRecipes::load(path)?,
+        None => FileRecipes::empty(),
+    });
+    let (model, name, device_label) = (cfg.model.clone(), cfg.served_model_name.clone(), cfg.device_label.clone());
+    let options = LoadOptions { device: cfg.device.clone(), dtype: cfg.dtype, pad_to_square: cfg.pad_to_square };
+    let loader = Box::new(move || {
+        let src = source::resolve(model.as_deref())?;
+        if src.is_demo {
+            warn!(dir = %src.dir.display(), "no --model given: serving the built-in demo model (RANDOM WEIGHTS, answers are noise)");
+        }
+        let loaded = LlavaModel::load(&src.dir, options)?;
+        LoadedModel::new(loaded, name, src.is_demo, device_label)
+    });
+    let (engine, worker) = Engine::start(loader, cfg.engine.clone(), metrics.clone())?;
+    let fetcher = ImageFetcher::new(cfg.images.clone()).context("building the image fetcher")?;
+    let settings = ApiSettings {
+        validation: ValidationSettings {
+            served_model_name: cfg.served_model_name.clone(),
+            images: cfg.images.clone(),
+            default_budget: cfg.default_budget,
+        },
+        api_key: cfg.api_key.clone(),
+        max_body_bytes: cfg.max_body_bytes,
+        started: chrono::Utc::now().timestamp(),
+    };
+    let source: Arc<dyn RecipeSource> = recipes.clone();
+    let state = AppState { engine, metrics, recipes: source, fetcher, settings: Arc::new(settings) };
+    Ok((state, worker, recipes))
+}
+
+/// Runs the server until SIGINT/SIGTERM.
+pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
+    let (state, worker, recipes) = start(&cfg)?;
+    let engine = state.engine.clone();
+    let listener = TcpListener::bind(cfg.addr).await.with_context(|| format!("binding {}", cfg.addr))?;
+    info!(addr = %listener.local_addr()?, model = %cfg.served_model_name, "listening");
+    tokio::spawn(log_recipes_when_loaded(engine.clone(), recipes));
+
+    let (signalled_tx, mut signalled_rx) = tokio::sync::watch::channel(false);
+    let drain_engine = engine.clone();
+    let server = axum::serve(listener, build_app(state)).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        info!("shutting down: no new requests; finishing in-flight ones");
+        drain_engine.begin_drain();
+        let _ = signalled_tx.send(true);
+    });
+    let grace = cfg.shutdown_timeout;
+    let cancel_engine = engine.clone();
+    let deadline = async move {
+        let _ = signalled_rx.wait_for(|s| *s).await;
+        tokio::time::sleep(grace).await;
+        warn!(?grace, "shutdown timeout: cancelling requests still running");
+        cancel_engine.shutdown();
+        // Give cancelled streams a moment to send their error event and close.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    };
+    tokio::select! {
+        result = server.into_future() => result.context("serving")?,
+        _ = deadline => warn!("connections still open after the shutdown timeout; exiting"),
+    }
+    engine.shutdown();
+    drop(engine);
+    tokio::task::spawn_blocking(move || worker.join()).await?.map_err(|_| anyhow::anyhow!("engine thread panicked"))?;
+    info!("stopped");
+    Ok(())
+}
+
+/// Logs which recipes apply once the model is loaded (and why others do not).
+async fn log_recipes_when_loaded(engine: Engine, recipes: Arc<FileRecipes>) {
+    loop {
+        match engine.state() {
+            EngineState::Ready(loaded) => {
+                let (ok, skipped) = recipes.resolve(&loaded.info);
+                let ids: Vec<&str> = ok.iter().map(|r| r.id.as_str()).collect();
+                info!(fingerprint = %loaded.info.fingerprint, recipes = ?ids, "model ready");
+                for why in skipped {
+                    warn!(%why, "recipe skipped");
+                }
+                return;
+            }
+            EngineState::Loading => tokio::time::sleep(Duration::from_millis(200)).await,
+            EngineState::Failed(_) | EngineState::Stopped => return,
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            warn!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
