@@ -211,14 +211,15 @@ impl LlavaConfig {
             message,
         };
         let t = &self.text_config;
-        if t.num_attention_heads == 0 || t.hidden_size % t.num_attention_heads != 0 && t.head_dim.is_none() {
+        let heads_divide = t.num_attention_heads > 0 && t.hidden_size.is_multiple_of(t.num_attention_heads);
+        if t.num_attention_heads == 0 || (!heads_divide && t.head_dim.is_none()) {
             return Err(bad(
                 "text_config.num_attention_heads",
                 format!("hidden_size {} is not divisible by {} heads", t.hidden_size, t.num_attention_heads),
             ));
         }
         let kv = t.num_key_value_heads.unwrap_or(t.num_attention_heads);
-        if kv == 0 || t.num_attention_heads % kv != 0 {
+        if kv == 0 || !t.num_attention_heads.is_multiple_of(kv) {
             return Err(bad(
                 "text_config.num_key_value_heads",
                 format!("{} attention heads are not a multiple of {kv} key/value heads", t.num_attention_heads),
@@ -233,13 +234,13 @@ impl LlavaConfig {
             }
         }
         let v = &self.vision_config;
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             return Err(bad(
                 "vision_config.patch_size",
                 format!("image_size {} is not a multiple of patch_size {}", v.image_size, v.patch_size),
             ));
         }
-        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(bad(
                 "vision_config.num_attention_heads",
                 format!("hidden_size {} is not divisible by {} heads", v.hidden_size, v.num_attention_heads),

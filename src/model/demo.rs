@@ -126,7 +126,7 @@ pub struct DemoSummary {
 /// Writes a complete demo checkpoint into `dir` (created if needed).
 pub fn write_demo_model(dir: &Path, opts: &DemoOptions) -> Result<DemoSummary> {
     let s = Shape::of(opts);
-    if s.kv_heads == 0 || s.heads % s.kv_heads != 0 {
+    if s.kv_heads == 0 || !s.heads.is_multiple_of(s.kv_heads) {
         return Err(ModelError::InvalidInput(format!("--kv-heads {} must divide {} heads", s.kv_heads, s.heads)));
     }
     std::fs::create_dir_all(dir).map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;

@@ -320,7 +320,7 @@ impl Calibrator<'_> {
         let mut scheme = vec![0usize; layers];
         let mut already: u128 = 0;
         let mut reached = false;
-        for l in 0..layers {
+        for (l, entry) in scheme.iter_mut().enumerate() {
             let mut forecast: u128 = 0;
             for &n in &left {
                 already += self.flops.qkv(n) + self.flops.attn(n);
@@ -337,7 +337,7 @@ impl Calibrator<'_> {
                 }
                 self.ensure_attention(s, at[s], l)?;
                 let deleted = self.decide(s, at[s], l, alpha)?;
-                scheme[l] += deleted.len();
+                *entry += deleted.len();
                 left[s] -= deleted.len() as u64;
                 already += self.flops.rest(left[s]);
                 if l + 1 < layers {
