@@ -48,8 +48,17 @@ fn calibrate_then_generate_pruned() {
     let recipes = work.path().join("recipes.json");
     let out = fitprune(
         &[
-            "calibrate", "--model", model.to_str().unwrap(), "--dataset", dataset.to_str().unwrap(),
-            "--image-dir", images.to_str().unwrap(), "--budgets", "0.3,0.6", "--out", recipes.to_str().unwrap(),
+            "calibrate",
+            "--model",
+            model.to_str().unwrap(),
+            "--dataset",
+            dataset.to_str().unwrap(),
+            "--image-dir",
+            images.to_str().unwrap(),
+            "--budgets",
+            "0.3,0.6",
+            "--out",
+            recipes.to_str().unwrap(),
         ],
         cache.path(),
     );
@@ -70,8 +79,18 @@ fn calibrate_then_generate_pruned() {
 
     let out = fitprune(
         &[
-            "generate", "--model", model.to_str().unwrap(), "--image", &image("square.png"), "--max-tokens", "3",
-            "--json", "--recipe", recipes.to_str().unwrap(), "--budget", "0.5",
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--image",
+            &image("square.png"),
+            "--max-tokens",
+            "3",
+            "--json",
+            "--recipe",
+            recipes.to_str().unwrap(),
+            "--budget",
+            "0.5",
         ],
         cache.path(),
     );
@@ -91,10 +110,19 @@ fn a_bad_dataset_line_is_named() {
     let model = work.path().join("model");
     assert!(fitprune(&["demo-model", model.to_str().unwrap()], cache.path()).status.success());
     let dataset = work.path().join("bad.jsonl");
-    std::fs::write(&dataset, "{\"question_id\": 1, \"image\": \"wide.png\", \"text\": \"ok\"}\n{\"question_id\": 2}\n").unwrap();
+    std::fs::write(&dataset, "{\"question_id\": 1, \"image\": \"wide.png\", \"text\": \"ok\"}\n{\"question_id\": 2}\n")
+        .unwrap();
     let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
     let out = fitprune(
-        &["calibrate", "--model", model.to_str().unwrap(), "--dataset", dataset.to_str().unwrap(), "--image-dir", images.to_str().unwrap()],
+        &[
+            "calibrate",
+            "--model",
+            model.to_str().unwrap(),
+            "--dataset",
+            dataset.to_str().unwrap(),
+            "--image-dir",
+            images.to_str().unwrap(),
+        ],
         cache.path(),
     );
     assert!(!out.status.success());
