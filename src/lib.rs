@@ -9,6 +9,7 @@ pub mod model;
 pub mod protocol;
 pub mod pruning;
 pub mod server;
+pub mod store;
 pub mod validation;
 
 pub use api::{build_app, AppState};

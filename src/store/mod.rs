@@ -1,0 +1,56 @@
+//! SQLite persistence for recipes and calibration jobs (sqlx; migrations in `migrations/`,
+//! embedded at build time and applied on open).
+
+pub mod jobs;
+pub mod recipes;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+/// The embedded migrations.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// Default database: `fitprune.db` in the working directory.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://fitprune.db";
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database URL is malformed.
+    #[error("database url {url:?}: {source}")]
+    Url {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Applying migrations failed.
+    #[error("database migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A query failed.
+    #[error("database: {0}")]
+    Query(#[from] sqlx::Error),
+    /// A stored row holds something that no longer parses.
+    #[error("database row {id}: {message}")]
+    Corrupt { id: String, message: String },
+}
+
+/// Opens (creating if missing) the database, with WAL, foreign keys and a busy timeout, and
+/// applies pending migrations.
+pub async fn open(url: &str) -> Result<SqlitePool, StoreError> {
+    let options = SqliteConnectOptions::from_str(url)
+        .map_err(|source| StoreError::Url { url: url.to_string(), source })?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(5));
+    let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+    MIGRATOR.run(&pool).await?;
+    Ok(pool)
+}
+
+/// A fresh random id with a readable prefix (`rcp_…`, `job_…`).
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
