@@ -129,3 +129,41 @@ fn a_bad_dataset_line_is_named() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("line 2"), "{stderr}");
 }
+
+#[test]
+fn recipes_store_round_trip_through_the_cli() {
+    let cache = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let model = work.path().join("model");
+    let m = model.to_str().unwrap();
+    assert!(fitprune(&["demo-model", m], cache.path()).status.success());
+    let db = format!("sqlite://{}", work.path().join("r.db").display());
+    let file = work.path().join("in.json");
+    std::fs::write(&file, r#"[{"deletions": [10, 5, 0, 0], "budget": 0.2, "name": "mine"}]"#).unwrap();
+
+    let out =
+        fitprune(&["recipes", "--database-url", &db, "import", file.to_str().unwrap(), "--model", m], cache.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The authors' 7B schemes have 32 layers; the 4-layer demo model must refuse them.
+    let out = fitprune(
+        &["recipes", "--database-url", &db, "import", "--authors", "authors-llava15-7b-50", "--model", m],
+        cache.path(),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("32 entries"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let out = fitprune(&["recipes", "--database-url", &db, "export"], cache.path());
+    let listed: Vec<Recipe> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.len(), 1);
+    let r = &listed[0];
+    assert_eq!((r.name.as_str(), r.visual_tokens, r.model_fingerprint.len()), ("mine", 144, 32));
+    assert!(r.id.starts_with("rcp_"));
+
+    let out = fitprune(&["recipes", "--database-url", &db, "show", &r.id], cache.path());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"deletions\""));
+    assert!(fitprune(&["recipes", "--database-url", &db, "delete", &r.id], cache.path()).status.success());
+    let out = fitprune(&["recipes", "--database-url", &db, "delete", &r.id], cache.path());
+    assert!(!out.status.success(), "deleting twice fails");
+    let out = fitprune(&["recipes", "--database-url", &db, "export"], cache.path());
+    assert_eq!(serde_json::from_slice::<Vec<Recipe>>(&out.stdout).unwrap().len(), 0);
+}

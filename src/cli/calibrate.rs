@@ -40,6 +40,9 @@ pub struct CalibrateArgs {
     /// Write the recipes (a JSON list) here; printed to stdout otherwise.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Also store the recipes in this SQLite database (e.g. sqlite://fitprune.db).
+    #[arg(long, env = "FITPRUNE_DATABASE_URL")]
+    database_url: Option<String>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu", env = "FITPRUNE_DEVICE")]
     device: String,
@@ -126,6 +129,19 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
             r.achieved_reduction,
             r.deletions
         );
+    }
+    if let Some(url) = &args.database_url {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async {
+            let db = crate::store::open(url).await?;
+            for r in &mut recipes {
+                r.id = crate::store::new_id("rcp");
+                crate::store::recipes::insert(&db, r).await?;
+                eprintln!("stored {} in {url}", r.id);
+            }
+            db.close().await;
+            Ok::<_, crate::store::StoreError>(())
+        })?;
     }
     let json = serde_json::to_string_pretty(&recipes)?;
     match &args.out {

@@ -5,6 +5,7 @@ mod calibrate;
 mod demo;
 mod generate;
 mod input;
+mod recipes;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ enum Command {
     Calibrate(calibrate::CalibrateArgs),
     /// Measure pruned vs unpruned prefill, TTFT and decode speed side by side.
     Bench(bench::BenchArgs),
+    /// Manage stored recipes: list, show, import, export, delete.
+    Recipes(recipes::RecipesArgs),
     /// Serve the OpenAI-compatible HTTP API (chat completions with images, metrics).
     Serve(crate::config::ServeArgs),
 }
@@ -49,6 +52,7 @@ impl Cli {
             Command::Generate(args) => generate::run(args),
             Command::Calibrate(args) => calibrate::run(args),
             Command::Bench(args) => bench::run(args),
+            Command::Recipes(args) => recipes::run(args),
             Command::Serve(args) => serve::run(args),
         }
     }

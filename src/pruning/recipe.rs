@@ -4,6 +4,28 @@
 use serde::{Deserialize, Serialize};
 
 use super::flops::FlopsModel;
+
+/// What a recipe is checked against: the loaded model's identity and shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelShape {
+    /// `model::fingerprint::fingerprint` of the model directory.
+    pub fingerprint: String,
+    /// Visual tokens per image.
+    pub visual_tokens: usize,
+    /// Decoder FLOPs model (layer count included).
+    pub flops: FlopsModel,
+}
+
+impl ModelShape {
+    /// The shape of a loaded model with its fingerprint.
+    pub fn of(model: &crate::model::LlavaModel, fingerprint: String) -> Self {
+        Self {
+            fingerprint,
+            visual_tokens: model.config().image_feature_count(),
+            flops: FlopsModel::from_config(&model.config().text_config),
+        }
+    }
+}
 use super::PruneError;
 
 /// A fitted (or imported) pruning recipe.
@@ -79,6 +101,31 @@ impl Recipe {
         }
         let scale = n as f64 / self.visual_tokens as f64;
         self.deletions.iter().map(|&d| (d as f64 * scale).round() as usize).collect()
+    }
+
+    /// Completes an imported recipe for the loaded model: fills the fingerprint, the visual-token
+    /// count (when absent), a name, the creation time and the achieved reduction, then validates.
+    /// Recipes fitted for another model are refused rather than silently re-labelled.
+    pub fn for_import(mut self, model: &ModelShape, id: String, now: String) -> Result<Self, PruneError> {
+        if !self.model_fingerprint.is_empty() && self.model_fingerprint != model.fingerprint {
+            return Err(PruneError::InvalidRecipe(format!(
+                "it was fitted for model {} but the loaded model is {}",
+                self.model_fingerprint, model.fingerprint
+            )));
+        }
+        if self.visual_tokens == 0 {
+            self.visual_tokens = model.visual_tokens;
+        }
+        self.model_fingerprint = model.fingerprint.clone();
+        self.id = id;
+        if self.name.is_empty() {
+            self.name = format!("imported-{:.0}", self.budget * 100.0);
+        }
+        if self.created_at.is_empty() {
+            self.created_at = now;
+        }
+        self.validate(model.flops.layers)?;
+        Ok(self.with_reduction(&model.flops))
     }
 
     /// Fills `achieved_reduction` from the FLOPs model.
@@ -190,6 +237,26 @@ mod tests {
         assert_eq!(select_by_budget(&rs, 0.7).map(|r| r.budget), Some(0.7));
         assert_eq!(select_by_budget(&rs, 0.9).map(|r| r.budget), Some(0.7));
         assert!(select_by_budget(&rs, 0.2).is_none());
+    }
+
+    #[test]
+    fn import_fills_the_loaded_model_and_refuses_foreign_recipes() {
+        let shape = ModelShape {
+            fingerprint: "fp".into(),
+            visual_tokens: 10,
+            flops: FlopsModel { layers: 3, hidden: 4, intermediate: 8, kv_dim: 4 },
+        };
+        let minimal: Recipe = serde_json::from_str(r#"{"deletions": [2, 1, 0], "budget": 0.3}"#).unwrap();
+        let r = minimal.clone().for_import(&shape, "id1".into(), "now".into()).unwrap();
+        assert_eq!(
+            (r.id.as_str(), r.model_fingerprint.as_str(), r.visual_tokens, r.created_at.as_str()),
+            ("id1", "fp", 10, "now")
+        );
+        assert!(r.achieved_reduction > 0.0);
+        let foreign = Recipe { model_fingerprint: "other".into(), ..minimal.clone() };
+        assert!(foreign.for_import(&shape, "x".into(), "now".into()).unwrap_err().to_string().contains("other"));
+        let too_long = Recipe { deletions: vec![0, 0, 0, 0], ..minimal };
+        assert!(too_long.for_import(&shape, "x".into(), "now".into()).is_err());
     }
 
     #[test]
