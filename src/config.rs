@@ -184,6 +184,7 @@ impl ServeArgs {
                 max_waiting: self.max_waiting,
                 max_running: positive("max-running", self.max_running)?,
                 request_timeout: seconds("request-timeout", self.request_timeout)?,
+                round_hook: None,
             },
             images,
             max_body_bytes: positive("max-body-bytes", self.max_body_bytes)?,

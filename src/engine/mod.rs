@@ -14,4 +14,5 @@ mod worker;
 pub use loaded::{LoadedModel, ModelInfo};
 pub use queue::{
     BackgroundWork, ChatJob, Engine, EngineConfig, EngineError, EngineState, Event, FinishReport, PrefillReport,
+    RoundHook,
 };

@@ -25,11 +25,25 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Deadline per request, queue wait included.
     pub request_timeout: Duration,
+    /// Called before every scheduling round (not set by the CLI).
+    pub round_hook: Option<RoundHook>,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_waiting: 64, max_running: 8, request_timeout: Duration::from_secs(600) }
+        Self { max_waiting: 64, max_running: 8, request_timeout: Duration::from_secs(600), round_hook: None }
+    }
+}
+
+/// A callback the engine thread runs before each scheduling round (one admission and one decode
+/// step per running sequence). Tests block in it to single-step the scheduler, so "mid-stream"
+/// states are deterministic; blocking in it blocks the whole engine.
+#[derive(Clone)]
+pub struct RoundHook(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for RoundHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RoundHook")
     }
 }
 

@@ -127,6 +127,9 @@ impl Worker {
     }
 
     fn round(&mut self) {
+        if let Some(hook) = &self.shared.config.round_hook {
+            (hook.0)();
+        }
         if self.running.len() < self.shared.config.max_running {
             if let Some(q) = self.waiting.pop_front() {
                 self.shared.left_queue();
@@ -141,6 +144,8 @@ impl Worker {
                 i += 1;
             } else {
                 let done = self.running.swap_remove(i);
+                // Update the gauge before the client hears the end, so the two never disagree.
+                self.shared.metrics.running.set(self.running.len() as i64);
                 self.finish(done);
             }
         }

@@ -1,0 +1,216 @@
+//! Helpers for the HTTP integration tests: a demo checkpoint in a temp dir, a server on
+//! 127.0.0.1:0 built with `build_app`, a local image server, and request/SSE helpers.
+#![allow(dead_code)]
+
+use std::future::IntoFuture;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use axum::extract::Path as UrlPath;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+use axum::Router;
+use base64::Engine as _;
+use clap::Parser;
+use fitprune::config::ServeArgs;
+use fitprune::engine::EngineState;
+use fitprune::model::demo::{write_demo_model, DemoOptions};
+use fitprune::{build_app, AppState};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+/// The tiny demo checkpoint, written once per test binary.
+pub fn demo_dir() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("demo");
+        write_demo_model(&dir, &DemoOptions::default()).unwrap();
+        (tmp, dir)
+    })
+    .1
+}
+
+/// A running server.
+pub struct TestServer {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// Its state (engine, metrics).
+    pub state: AppState,
+    /// A client.
+    pub client: reqwest::Client,
+}
+
+/// `fitprune serve` flags every test server gets (plus `extra`).
+pub fn args(extra: &[&str]) -> ServeArgs {
+    let dir = demo_dir().to_str().unwrap().to_string();
+    let mut argv = vec!["serve".to_string(), "--model".into(), dir, "--served-model-name".into(), "demo".into()];
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    ServeArgs::parse_from(argv)
+}
+
+/// Starts a server with the demo model and waits until it is ready.
+pub async fn start(extra: &[&str]) -> TestServer {
+    start_with(args(extra).validate().unwrap()).await
+}
+
+/// Starts a server from a (possibly edited) config and waits until it is ready.
+pub async fn start_with(cfg: fitprune::config::ServerConfig) -> TestServer {
+    let (state, _worker, _recipes) = fitprune::server::start(&cfg).unwrap();
+    wait_ready(&state).await;
+    serve(state).await
+}
+
+/// Serves `state` on a loopback port (without waiting for the model).
+pub async fn serve(state: AppState) -> TestServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(axum::serve(listener, build_app(state.clone())).into_future());
+    TestServer { base: format!("http://{addr}"), state, client: reqwest::Client::new() }
+}
+
+/// Polls until the engine has loaded the model.
+pub async fn wait_ready(state: &AppState) {
+    let start = Instant::now();
+    loop {
+        match state.engine.state() {
+            EngineState::Ready(_) => return,
+            EngineState::Loading => {}
+            _ => panic!("engine failed to start"),
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "model did not load");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `cond` every 10 ms for up to 20 s.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+impl TestServer {
+    /// POSTs a chat request; returns status, headers and the JSON body.
+    pub async fn chat(&self, body: &Value) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let resp = self.client.post(format!("{}/v1/chat/completions", self.base)).json(body).send().await.unwrap();
+        let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        (status, headers, json)
+    }
+
+    /// POSTs a streaming chat request; returns every `data:` payload in order.
+    pub async fn chat_stream(&self, body: &Value) -> Vec<String> {
+        let resp = self.client.post(format!("{}/v1/chat/completions", self.base)).json(body).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{}", resp.text().await.unwrap_or_default());
+        let ctype = resp.headers()[header::CONTENT_TYPE.as_str()].to_str().unwrap().to_string();
+        assert!(ctype.starts_with("text/event-stream"), "{ctype}");
+        sse_data(&resp.text().await.unwrap())
+    }
+
+    /// GETs a path; returns status and body text.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let resp = self.client.get(format!("{}{path}", self.base)).send().await.unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+
+    /// The Prometheus text.
+    pub async fn metrics(&self) -> String {
+        self.state.metrics.render().unwrap()
+    }
+}
+
+/// `data:` payloads of an SSE body.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:"))))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The value of a metric line `name{labels} value` (labels as written by the encoder).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.parse().ok()))
+}
+
+/// A user message with text and image URLs.
+pub fn user_with_images(text: &str, urls: &[&str]) -> Value {
+    let mut parts: Vec<Value> = urls.iter().map(|u| json!({"type": "image_url", "image_url": {"url": u}})).collect();
+    parts.push(json!({"type": "text", "text": text}));
+    json!([{"role": "user", "content": parts}])
+}
+
+/// A PNG of `w` x `h` pixels (a gradient).
+pub fn png(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x * 7 % 256) as u8, (y * 5 % 256) as u8, ((x + y) % 256) as u8])
+    });
+    let mut out = Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// `data:image/png;base64,...` of `bytes`.
+pub fn data_url(bytes: &[u8]) -> String {
+    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// Starts a local image server on 127.0.0.1; returns its base URL.
+///
+/// Routes: `/img.png` (64x48), `/big` (3 MB, with Content-Length), `/big-chunked` (3 MB streamed
+/// without Content-Length), `/slow` (answers after 3 s), `/redirect/{n}` (n hops, then the PNG),
+/// `/missing` (404), `/text` (not an image).
+pub async fn image_server() -> String {
+    async fn redirect(UrlPath(n): UrlPath<u32>) -> Response {
+        if n == 0 {
+            ([(header::CONTENT_TYPE, "image/png")], png(64, 48)).into_response()
+        } else {
+            Redirect::temporary(&format!("/redirect/{}", n - 1)).into_response()
+        }
+    }
+    let app = Router::new()
+        .route("/img.png", get(|| async { ([(header::CONTENT_TYPE, "image/png")], png(64, 48)) }))
+        .route("/big", get(|| async { vec![0u8; 3 << 20] }))
+        .route(
+            "/big-chunked",
+            get(|| async {
+                let chunks = (0..48).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![0u8; 64 << 10])));
+                axum::body::Body::from_stream(futures::stream::iter(chunks))
+            }),
+        )
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                png(8, 8)
+            }),
+        )
+        .route("/redirect/{n}", get(redirect))
+        .route("/missing", get(|| async { StatusCode::NOT_FOUND }))
+        .route("/text", get(|| async { "just some text" }));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(axum::serve(listener, app).into_future());
+    format!("http://{addr}")
+}
+
+/// Asserts an OpenAI-shaped error with this status, type and param; returns the body.
+pub fn assert_error(status: StatusCode, body: &Value, want: u16, param: Option<&str>) -> Value {
+    assert_eq!(status.as_u16(), want, "{body}");
+    let e = &body["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(e["type"].is_string(), "{body}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "{body}");
+    if let Some(p) = param {
+        assert_eq!(e["param"], p, "{body}");
+    }
+    e.clone()
+}

@@ -1,0 +1,343 @@
+//! The engine behind HTTP: queue overflow (429), cancellation of a client that goes away
+//! mid-stream, timeouts, shutdown, health while loading, metrics and request ids.
+
+mod http_common;
+
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use fitprune::api::ApiSettings;
+use fitprune::engine::recipes::FileRecipes;
+use fitprune::engine::{BackgroundWork, Engine, EngineConfig, LoadedModel, RoundHook};
+use fitprune::metrics::Metrics;
+use fitprune::model::llava::LoadOptions;
+use fitprune::model::{LlavaModel, ModelError};
+use fitprune::validation::images::ImageFetcher;
+use fitprune::validation::{ImageLimits, ValidationSettings};
+use fitprune::AppState;
+use futures::StreamExt;
+use http_common::*;
+use serde_json::{json, Value};
+
+/// Background work that holds the engine thread until released (the calibration seam).
+struct Gate {
+    entered: mpsc::Sender<()>,
+    release: mpsc::Receiver<()>,
+}
+
+impl BackgroundWork for Gate {
+    fn step(&mut self, _model: &LlavaModel) -> bool {
+        let _ = self.entered.send(());
+        let _ = self.release.recv_timeout(Duration::from_secs(30));
+        false
+    }
+}
+
+/// Blocks the engine thread; returns the release handle once it is blocked.
+async fn hold_engine(server: &TestServer) -> mpsc::Sender<()> {
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel();
+    server.state.engine.submit_background(Box::new(Gate { entered: entered_tx, release: release_rx })).unwrap();
+    tokio::task::spawn_blocking(move || entered_rx.recv_timeout(Duration::from_secs(20)).unwrap()).await.unwrap();
+    release_tx
+}
+
+fn short() -> Value {
+    json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0})
+}
+
+/// A greedy request the demo model answers at length (about 150 tokens before EOS).
+fn long_stream() -> Value {
+    json!({"messages": [{"role": "user", "content": "Continue."}], "max_tokens": 1000, "temperature": 0,
+        "stream": true})
+}
+
+/// Single-steps the engine: each scheduling round takes one permit (none left: it waits).
+struct Stepper {
+    state: Mutex<StepperState>,
+    cv: Condvar,
+}
+
+struct StepperState {
+    /// `None` runs freely.
+    permits: Option<usize>,
+    /// The engine is waiting for a permit (so the previous round has finished).
+    blocked: bool,
+}
+
+impl Stepper {
+    /// A server whose engine rounds are gated by the returned stepper (initially `permits`).
+    async fn server(extra: &[&str], permits: Option<usize>) -> (TestServer, Arc<Stepper>) {
+        let stepper =
+            Arc::new(Stepper { state: Mutex::new(StepperState { permits, blocked: false }), cv: Condvar::new() });
+        let mut cfg = args(extra).validate().unwrap();
+        let hook = stepper.clone();
+        cfg.engine.round_hook = Some(RoundHook(Arc::new(move || hook.take())));
+        (start_with(cfg).await, stepper)
+    }
+
+    fn take(&self) {
+        let mut s = self.state.lock().unwrap();
+        while s.permits == Some(0) {
+            s.blocked = true;
+            s = self.cv.wait(s).unwrap();
+        }
+        s.blocked = false;
+        if let Some(n) = s.permits.as_mut() {
+            *n -= 1;
+        }
+    }
+
+    fn grant(&self, n: usize) {
+        let mut s = self.state.lock().unwrap();
+        s.permits = Some(s.permits.unwrap_or(0) + n);
+        s.blocked = false;
+        self.cv.notify_all();
+    }
+
+    fn run_freely(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.permits = None;
+        s.blocked = false;
+        self.cv.notify_all();
+    }
+
+    /// The engine used every permit and waits before its next round (the last one finished).
+    fn blocked(&self) -> bool {
+        let s = self.state.lock().unwrap();
+        s.blocked && s.permits == Some(0)
+    }
+}
+
+fn post(server: &TestServer, body: &Value) -> reqwest::RequestBuilder {
+    server.client.post(format!("{}/v1/chat/completions", server.base)).json(body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let server = start(&["--max-waiting", "2", "--max-running", "1"]).await;
+    let release = hold_engine(&server).await;
+    let waiting: Vec<_> = (0..2).map(|_| tokio::spawn(post(&server, &short()).send())).collect();
+    eventually("two requests waiting", || server.state.engine.waiting() == 2).await;
+    let (status, headers, body) = server.chat(&short()).await;
+    let e = assert_error(status, &body, 429, None);
+    assert_eq!(e["type"], "rate_limit_error");
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(metric(&server.metrics().await, "fitprune_requests_waiting"), Some(2.0));
+    release.send(()).unwrap();
+    for w in waiting {
+        assert_eq!(w.await.unwrap().unwrap().status(), 200);
+    }
+    let text = server.metrics().await;
+    assert_eq!(metric(&text, r#"fitprune_requests_total{route="/v1/chat/completions",status="429"}"#), Some(1.0));
+    assert_eq!(metric(&text, r#"fitprune_requests_total{route="/v1/chat/completions",status="200"}"#), Some(2.0));
+    assert_eq!(metric(&text, "fitprune_requests_waiting"), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_mid_stream_is_cancelled_and_frees_its_slot() {
+    // Three rounds: admission + prefill + first token, then two more tokens; then the engine waits.
+    let (server, stepper) = Stepper::server(&["--max-running", "1"], Some(3)).await;
+    let resp = post(&server, &long_stream()).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let first = String::from_utf8_lossy(&body.next().await.unwrap().unwrap()).to_string();
+    assert!(first.contains(r#""role":"assistant""#), "{first}");
+    eventually("three rounds ran", || stepper.blocked()).await;
+    let text = server.metrics().await;
+    assert_eq!(metric(&text, "fitprune_requests_running"), Some(1.0), "the stream is mid-generation");
+    drop(body);
+    // Let the engine step one round at a time until it notices the client is gone.
+    let cancelled = r#"fitprune_requests_cancelled_total{reason="client_gone"}"#;
+    let metrics = server.state.metrics.clone();
+    let is_cancelled = move || metric(&metrics.render().unwrap(), cancelled) == Some(1.0);
+    let mut rounds = 0;
+    while !is_cancelled() {
+        assert!(rounds < 40, "not cancelled after {rounds} more rounds");
+        stepper.grant(1);
+        rounds += 1;
+        eventually("the round ran", || stepper.blocked() || is_cancelled()).await;
+    }
+    let text = server.metrics().await;
+    assert_eq!(metric(&text, "fitprune_requests_running"), Some(0.0));
+    assert!(metric(&text, "fitprune_generation_tokens_total").unwrap() < 50.0);
+    // The single running slot is free again.
+    stepper.run_freely();
+    let (status, _, body) = server.chat(&short()).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_lets_a_short_request_finish_beside_a_long_one() {
+    let (server, stepper) = Stepper::server(&["--max-running", "2"], Some(0)).await;
+    let long = tokio::spawn(post(&server, &long_stream()).send());
+    let short_req = tokio::spawn(post(&server, &short()).send());
+    eventually("both requests waiting", || server.state.engine.waiting() == 2).await;
+    // Round 1 admits one request, round 2 the other; each round steps every running sequence,
+    // so the 2-token request is done after round 3 or 4 while the long one keeps running.
+    stepper.grant(5);
+    let resp = short_req.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["usage"]["completion_tokens"], 2);
+    eventually("five rounds ran", || stepper.blocked()).await;
+    assert_eq!(metric(&server.metrics().await, "fitprune_requests_running"), Some(1.0));
+    let long = long.await.unwrap().unwrap();
+    assert_eq!(long.status(), 200);
+    stepper.run_freely();
+    let events = sse_data(&long.text().await.unwrap());
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_timeout_is_503() {
+    let server = start(&["--request-timeout", "0.5", "--max-running", "1"]).await;
+    let release = hold_engine(&server).await;
+    let pending = tokio::spawn(post(&server, &short()).send());
+    eventually("the request is waiting", || server.state.engine.waiting() == 1).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    release.send(()).unwrap();
+    let resp = pending.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "request_timeout");
+    let text = server.metrics().await;
+    assert_eq!(metric(&text, r#"fitprune_requests_cancelled_total{reason="timeout"}"#), Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cancels_streams_and_refuses_new_work() {
+    let (server, stepper) = Stepper::server(&[], Some(2)).await;
+    let resp = post(&server, &long_stream()).send().await.unwrap();
+    let mut body = resp.bytes_stream();
+    let mut seen = String::from_utf8_lossy(&body.next().await.unwrap().unwrap()).to_string();
+    eventually("two rounds ran", || stepper.blocked()).await;
+    server.state.engine.shutdown();
+    stepper.run_freely();
+    while let Some(chunk) = body.next().await {
+        seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    let events = sse_data(&seen);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{seen}");
+    let error: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(error["error"]["code"], "shutting_down", "{seen}");
+    let text = server.metrics().await;
+    assert_eq!(metric(&text, r#"fitprune_requests_cancelled_total{reason="shutdown"}"#), Some(1.0));
+    let (status, text) = server.get("/health").await;
+    assert_eq!(status, 503);
+    assert!(text.contains("shutting_down"), "{text}");
+    let (status, _, body) = server.chat(&short()).await;
+    assert_eq!(assert_error(status, &body, 503, None)["code"], "shutting_down");
+}
+
+fn manual_state(loader: fitprune::engine::queue::Loader) -> AppState {
+    let metrics = Metrics::new().unwrap();
+    let (engine, _thread) = Engine::start(loader, EngineConfig::default(), metrics.clone()).unwrap();
+    let settings = ApiSettings {
+        validation: ValidationSettings {
+            served_model_name: "demo".into(),
+            images: ImageLimits::default(),
+            default_budget: None,
+        },
+        api_key: None,
+        max_body_bytes: 1 << 20,
+        started: 0,
+    };
+    AppState {
+        engine,
+        metrics,
+        recipes: Arc::new(FileRecipes::empty()),
+        fetcher: ImageFetcher::new(ImageLimits::default()).unwrap(),
+        settings: Arc::new(settings),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_503_while_loading_and_after_a_failed_load() {
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let dir = demo_dir().to_path_buf();
+    let server = serve(manual_state(Box::new(move || {
+        let _ = release_rx.recv();
+        let model = LlavaModel::load(&dir, LoadOptions::default())?;
+        LoadedModel::new(model, "demo".into(), true, "cpu".into())
+    })))
+    .await;
+    let (status, text) = server.get("/health").await;
+    assert_eq!(status, 503);
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["status"], "loading");
+    let (status, headers, body) = server.chat(&short()).await;
+    assert_eq!(assert_error(status, &body, 503, None)["code"], "model_loading");
+    assert_eq!(headers["retry-after"], "1");
+    // /v1/models answers while loading.
+    assert_eq!(server.get("/v1/models").await.0, 200);
+    release_tx.send(()).unwrap();
+    wait_ready(&server.state).await;
+    let (status, text) = server.get("/health").await;
+    assert_eq!((status, serde_json::from_str::<Value>(&text).unwrap()["status"].clone()), (200, json!("ok")));
+    assert_eq!(server.chat(&short()).await.0, 200);
+
+    let failed = serve(manual_state(Box::new(|| Err(ModelError::InvalidInput("no weights here".into()))))).await;
+    eventually("load failure is reported", || {
+        matches!(failed.state.engine.state(), fitprune::engine::EngineState::Failed(_))
+    })
+    .await;
+    let (status, text) = failed.get("/health").await;
+    assert_eq!(status, 503);
+    let health: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(health["status"], "failed");
+    assert!(health["error"].as_str().unwrap().contains("no weights here"));
+    let (status, _, body) = failed.chat(&short()).await;
+    assert_eq!(assert_error(status, &body, 503, None)["code"], "model_load_failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_have_every_series_after_traffic() {
+    let server = start(&[]).await;
+    let req = json!({"messages": user_with_images("Look.", &[&data_url(&png(20, 20))]), "max_tokens": 4,
+        "temperature": 0});
+    assert_eq!(server.chat(&req).await.0, 200);
+    // The request duration is observed when the response body is dropped, just after the client has it.
+    let metrics = server.state.metrics.clone();
+    eventually("the request duration is recorded", || {
+        metrics.render().unwrap().contains(r#"fitprune_request_duration_seconds_count{route="/v1/chat/completions"} 1"#)
+    })
+    .await;
+    let (status, text) = server.get("/metrics").await;
+    assert_eq!(status, 200);
+    for series in [
+        r#"fitprune_requests_total{route="/v1/chat/completions",status="200"} 1"#,
+        r#"fitprune_request_duration_seconds_count{route="/v1/chat/completions"} 1"#,
+        "fitprune_queue_wait_seconds_count 1",
+        "fitprune_time_to_first_token_seconds_count 1",
+        "fitprune_time_per_output_token_seconds_count",
+        r#"fitprune_prefill_duration_seconds_count{pruned="false"} 1"#,
+        "fitprune_prompt_tokens_total",
+        "fitprune_image_tokens_total 144",
+        "fitprune_generation_tokens_total",
+        "fitprune_requests_waiting 0",
+        "fitprune_requests_running 0",
+        "fitprune_visual_tokens_in_total 0",
+        "fitprune_visual_tokens_kept_total 0",
+        "fitprune_flops_reduction_ratio_bucket",
+        r#"fitprune_model_info{device="cpu",dtype="f32",model="demo"} 1"#,
+    ] {
+        assert!(text.contains(series), "missing {series:?} in\n{text}");
+    }
+    assert!(metric(&text, "fitprune_prompt_tokens_total").unwrap() > 144.0);
+}
+
+#[tokio::test]
+async fn request_ids_are_generated_or_echoed() {
+    let server = start(&[]).await;
+    let resp = server.client.get(format!("{}/health", server.base)).send().await.unwrap();
+    let generated = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(generated.len(), 36, "{generated}");
+    let resp =
+        server.client.get(format!("{}/v1/models", server.base)).header("x-request-id", "abc-123").send().await.unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "abc-123");
+    let models: Value = resp.json().await.unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "demo");
+    assert_eq!(server.get("/v1/models/demo").await.0, 200);
+    assert_eq!(server.get("/v1/models/other").await.0, 404);
+}

@@ -1,0 +1,169 @@
+//! openapi.yaml and the server agree: the same routes and methods, and real responses only use
+//! fields the document declares (with every required one present).
+
+mod http_common;
+
+use std::collections::BTreeSet;
+
+use axum::body::Body;
+use axum::http::Request;
+use fitprune::api::ROUTES;
+use http_common::*;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+fn document() -> Value {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    serde_json::to_value(yaml).unwrap()
+}
+
+fn documented_routes(doc: &Value) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            out.insert((method.to_uppercase(), path.clone()));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn served_routes_and_the_document_agree() {
+    let doc = document();
+    assert_eq!(doc["openapi"].as_str().unwrap(), "3.1.0");
+    let served: BTreeSet<(String, String)> = ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+    assert_eq!(documented_routes(&doc), served);
+
+    // Every documented operation is routed (not the unknown-route or wrong-method fallback).
+    let server = start(&[]).await;
+    let app = fitprune::build_app(server.state.clone());
+    for (method, path) in &served {
+        let uri = path.replace("{model}", "demo");
+        let body = if method == "POST" { Body::from(short_request().to_string()) } else { Body::empty() };
+        let req = Request::builder()
+            .method(method.as_str())
+            .uri(&uri)
+            .header("content-type", "application/json")
+            .body(body)
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        assert!(resp.status().is_success(), "{method} {uri}: {}", resp.status());
+    }
+    // And an undocumented path is not.
+    let req = Request::builder().uri("/v1/completions").body(Body::empty()).unwrap();
+    assert_eq!(app.clone().oneshot(req).await.unwrap().status(), 404);
+    // Every documented status of the chat route is one the error enum can produce, and back.
+    let statuses: BTreeSet<String> =
+        doc["paths"]["/v1/chat/completions"]["post"]["responses"].as_object().unwrap().keys().cloned().collect();
+    let expected: BTreeSet<String> =
+        ["200", "400", "401", "404", "413", "422", "429", "500", "503"].iter().map(|s| s.to_string()).collect();
+    assert_eq!(statuses, expected);
+}
+
+fn short_request() -> Value {
+    json!({"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0,
+        "logprobs": true, "top_logprobs": 2})
+}
+
+/// Resolves `{"$ref": "#/components/..."}`.
+fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
+    match schema.get("$ref").and_then(Value::as_str) {
+        Some(r) => r.trim_start_matches("#/").split('/').fold(doc, |v, key| &v[key]),
+        None => schema,
+    }
+}
+
+/// Problems with `value` under `schema`: undeclared or missing fields, wrong JSON types.
+fn check(doc: &Value, schema: &Value, value: &Value, at: &str) -> Vec<String> {
+    let schema = resolve(doc, schema);
+    if let Some(options) = schema.get("oneOf").and_then(Value::as_array) {
+        let results: Vec<Vec<String>> = options.iter().map(|o| check(doc, o, value, at)).collect();
+        return if results.iter().any(Vec::is_empty) {
+            Vec::new()
+        } else {
+            vec![format!("{at}: matches no oneOf branch: {results:?}")]
+        };
+    }
+    if let Some(c) = schema.get("const") {
+        return if c == value { Vec::new() } else { vec![format!("{at}: {value} != const {c}")] };
+    }
+    let types: Vec<&str> = match schema.get("type") {
+        Some(Value::String(t)) => vec![t.as_str()],
+        Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
+        _ if schema.get("properties").is_some() => vec!["object"],
+        _ => return Vec::new(),
+    };
+    let actual = match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    };
+    if !types.iter().any(|t| *t == actual || (*t == "number" && actual == "integer")) {
+        return vec![format!("{at}: {actual} is not {types:?}")];
+    }
+    let mut problems = Vec::new();
+    match value {
+        Value::Object(map) => {
+            let props = schema.get("properties").and_then(Value::as_object);
+            for (k, v) in map {
+                match props.and_then(|p| p.get(k)) {
+                    Some(s) => problems.extend(check(doc, s, v, &format!("{at}.{k}"))),
+                    None if props.is_some() => problems.push(format!("{at}.{k}: not declared")),
+                    None => {}
+                }
+            }
+            for req in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
+                if !map.contains_key(req.as_str().unwrap()) {
+                    problems.push(format!("{at}.{req}: required but missing"));
+                }
+            }
+        }
+        Value::Array(items) => {
+            if let Some(s) = schema.get("items") {
+                for (i, v) in items.iter().enumerate() {
+                    problems.extend(check(doc, s, v, &format!("{at}[{i}]")));
+                }
+            }
+        }
+        _ => {}
+    }
+    problems
+}
+
+fn assert_matches(doc: &Value, schema: &str, value: &Value) {
+    let problems = check(doc, &json!({"$ref": format!("#/components/schemas/{schema}")}), value, schema);
+    assert!(problems.is_empty(), "{value}\n{problems:#?}");
+}
+
+#[tokio::test]
+async fn responses_use_only_documented_fields() {
+    let doc = document();
+    let server = start(&[]).await;
+    let req = json!({"model": "demo", "messages": user_with_images("Hi", &[&data_url(&png(16, 16))]),
+        "max_tokens": 3, "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let (status, _, body) = server.chat(&req).await;
+    assert_eq!(status, 200, "{body}");
+    assert_matches(&doc, "ChatCompletion", &body);
+
+    let mut stream_req = req.clone();
+    stream_req["stream"] = json!(true);
+    stream_req["stream_options"] = json!({"include_usage": true});
+    for event in server.chat_stream(&stream_req).await.iter().filter(|e| e.as_str() != "[DONE]") {
+        assert_matches(&doc, "ChatCompletionChunk", &serde_json::from_str(event).unwrap());
+    }
+    let (_, text) = server.get("/v1/models").await;
+    assert_matches(&doc, "ModelList", &serde_json::from_str(&text).unwrap());
+    let (_, text) = server.get("/v1/models/demo").await;
+    assert_matches(&doc, "ModelCard", &serde_json::from_str(&text).unwrap());
+    let (_, text) = server.get("/health").await;
+    assert_matches(&doc, "Health", &serde_json::from_str(&text).unwrap());
+    let (_, _, error) = server.chat(&json!({"messages": [], "n": 3})).await;
+    assert_matches(&doc, "ErrorBody", &error);
+    // The request schema declares every field the server reads.
+    assert_matches(&doc, "ChatRequest", &stream_req);
+}
