@@ -100,7 +100,11 @@ impl CalibrationObserver for Silent {
 
 /// One state of a sample's prefill: the input of some layer after some deletions.
 struct Node {
-    x: Tensor,
+    /// The layer input; `None` until first needed (a fit that stops at this layer's budget
+    /// check never needs it, so the previous layer's MLP half is never run for it).
+    x: Option<Tensor>,
+    /// Parent node and the rows it kept, to compute `x` on demand.
+    origin: Option<(usize, Vec<u32>)>,
     positions: Vec<u32>,
     is_visual: Vec<bool>,
     /// Attention half of this node's layer, computed on first need.
@@ -238,7 +242,8 @@ impl Calibrator<'_> {
             is_visual[span.clone()].iter_mut().for_each(|v| *v = true);
         }
         let root = Node {
-            x,
+            x: Some(x),
+            origin: None,
             positions: (0..prompt.input_ids.len() as u32).collect(),
             is_visual,
             attention: None,
@@ -258,18 +263,19 @@ impl Calibrator<'_> {
             let w_self = scores.self_attn.iter().map(|&v| f64::from(v)).sum::<f64>();
             self.samples[s].stats.push((w_cross, w_self));
             if l + 1 < self.flops.layers {
-                node = self.child(s, node, l, Vec::new())?;
+                node = self.child(s, node, Vec::new())?;
             }
         }
         Ok(())
     }
 
     fn ensure_attention(&mut self, s: usize, node: usize, layer: usize) -> Result<(), PruneError> {
-        let n = &self.samples[s].nodes[node];
-        if n.attention.is_some() {
+        if self.samples[s].nodes[node].attention.is_some() {
             return Ok(());
         }
-        let (attn, probs) = self.model.llama().layer_attention(layer, &n.x, &n.positions)?;
+        let x = self.ensure_input(s, node, layer)?;
+        let n = &self.samples[s].nodes[node];
+        let (attn, probs) = self.model.llama().layer_attention(layer, &x, &n.positions)?;
         let roles = RowRoles::from_flags(&n.is_visual);
         let scores = visual_scores(&head_max(&probs)?, &roles)?;
         let cross_rows = roles.cross.len();
@@ -278,24 +284,41 @@ impl Calibrator<'_> {
         Ok(())
     }
 
-    /// The node entering layer + 1 after deleting `deleted` (current-row indices) at `layer`.
-    fn child(&mut self, s: usize, node: usize, layer: usize, deleted: Vec<u32>) -> Result<usize, PruneError> {
+    /// The input of `node` (entering `layer`), running the parent's MLP half if not done yet.
+    fn ensure_input(&mut self, s: usize, node: usize, layer: usize) -> Result<Tensor, PruneError> {
+        let n = &self.samples[s].nodes[node];
+        if let Some(x) = &n.x {
+            return Ok(x.clone());
+        }
+        let (parent, keep) = n.origin.clone().ok_or(PruneError::Cancelled)?;
+        let p = &self.samples[s].nodes[parent];
+        let (px, attn) = match (&p.x, &p.attention) {
+            (Some(px), Some((attn, _, _))) => (px, attn),
+            _ => return Err(PruneError::InvalidInput("calibration trie lost a parent state".into())),
+        };
+        let pruned = keep.len() < p.positions.len();
+        let x = self.model.llama().layer_finish(layer - 1, px, attn, pruned.then_some(keep.as_slice()))?;
+        self.counts.mlp += 1;
+        self.samples[s].nodes[node].x = Some(x.clone());
+        Ok(x)
+    }
+
+    /// The node entering layer + 1 after deleting `deleted` (current-row indices) at `layer`;
+    /// its hidden state is computed only when something needs it.
+    fn child(&mut self, s: usize, node: usize, deleted: Vec<u32>) -> Result<usize, PruneError> {
         if let Some(&c) = self.samples[s].nodes[node].children.get(&deleted) {
             return Ok(c);
         }
         let n = &self.samples[s].nodes[node];
-        let attn = &n.attention.as_ref().ok_or(PruneError::Cancelled)?.0;
-        let keep: Vec<u32> = (0..n.positions.len() as u32).filter(|i| !deleted.contains(i)).collect();
-        let pruned = keep.len() < n.positions.len();
-        let x = self.model.llama().layer_finish(layer, &n.x, attn, pruned.then_some(keep.as_slice()))?;
+        let keep: Vec<u32> = (0..n.positions.len() as u32).filter(|i| deleted.binary_search(i).is_err()).collect();
         let child = Node {
-            x,
+            x: None,
             positions: keep.iter().map(|&i| n.positions[i as usize]).collect(),
             is_visual: keep.iter().map(|&i| n.is_visual[i as usize]).collect(),
+            origin: Some((node, keep)),
             attention: None,
             children: HashMap::new(),
         };
-        self.counts.mlp += 1;
         let nodes = &mut self.samples[s].nodes;
         nodes.push(child);
         let id = nodes.len() - 1;
@@ -341,7 +364,7 @@ impl Calibrator<'_> {
                 left[s] -= deleted.len() as u64;
                 already += self.flops.rest(left[s]);
                 if l + 1 < layers {
-                    at[s] = self.child(s, at[s], l, deleted)?;
+                    at[s] = self.child(s, at[s], deleted)?;
                 }
             }
         }
