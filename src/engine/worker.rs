@@ -161,7 +161,7 @@ impl Worker {
 
     /// Prefills a waiting request; `None` if it ended there.
     fn start(&mut self, q: Queued) -> Option<Running> {
-        let span = info_span!("request", id = %q.job.request_id);
+        let span = info_span!("request", request_id = %q.job.request_id);
         let _entered = span.enter();
         let metrics = &self.shared.metrics;
         let now = Instant::now();
@@ -282,7 +282,7 @@ impl Worker {
         if let (Some(first), true) = (r.first_token, r.tokens > 1) {
             metrics.time_per_output_token.observe((r.last_token - first).as_secs_f64() / (r.tokens - 1) as f64);
         }
-        r.span.in_scope(|| debug!(completion_tokens = generation.completion_tokens, ?reason, "finished"));
+        r.span.in_scope(|| info!(completion_tokens = generation.completion_tokens, ?reason, "finished"));
         let _ = r.events.send(Event::Finished(FinishReport {
             reason,
             tail,
