@@ -76,6 +76,15 @@ pub struct ServeArgs {
     /// Pruning budget for requests without a `pruning` field (default: unpruned).
     #[arg(long, env = "FITPRUNE_DEFAULT_BUDGET")]
     pub default_budget: Option<f64>,
+    /// Budget for images sent with `detail: "low"` (requests without a `pruning` field).
+    #[arg(long, env = "FITPRUNE_DETAIL_LOW_BUDGET", default_value_t = 0.7)]
+    pub detail_low_budget: f64,
+    /// SQLite database for recipes and calibration jobs (created if missing).
+    #[arg(long, env = "FITPRUNE_DATABASE_URL", default_value = crate::store::DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+    /// Bearer token for /admin routes; without one the admin API answers 403.
+    #[arg(long, env = "FITPRUNE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Require `Authorization: Bearer <key>` on /v1 routes.
     #[arg(long, env = "FITPRUNE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -124,6 +133,12 @@ pub struct ServerConfig {
     pub recipes: Option<PathBuf>,
     /// Budget when a request has no `pruning`.
     pub default_budget: Option<f64>,
+    /// Budget for `detail: "low"` images.
+    pub detail_low_budget: f64,
+    /// SQLite database URL.
+    pub database_url: String,
+    /// Admin API token.
+    pub admin_token: Option<String>,
     /// API key for /v1.
     pub api_key: Option<String>,
     /// Grace period on shutdown.
@@ -155,6 +170,15 @@ impl ServeArgs {
             if !(0.0..1.0).contains(&b) {
                 return Err(ConfigError { flag: "default-budget", message: format!("must be in [0, 1), got {b}") });
             }
+        }
+        if !(0.0..1.0).contains(&self.detail_low_budget) {
+            return Err(ConfigError {
+                flag: "detail-low-budget",
+                message: format!("must be in [0, 1), got {}", self.detail_low_budget),
+            });
+        }
+        if self.admin_token.as_deref() == Some("") {
+            return Err(ConfigError { flag: "admin-token", message: "must not be empty".into() });
         }
         if self.api_key.as_deref() == Some("") {
             return Err(ConfigError { flag: "api-key", message: "must not be empty".into() });
@@ -190,6 +214,9 @@ impl ServeArgs {
             max_body_bytes: positive("max-body-bytes", self.max_body_bytes)?,
             recipes: self.recipes,
             default_budget: self.default_budget,
+            detail_low_budget: self.detail_low_budget,
+            database_url: self.database_url,
+            admin_token: self.admin_token,
             api_key: self.api_key,
             shutdown_timeout: seconds("shutdown-timeout", self.shutdown_timeout)?,
         })

@@ -10,6 +10,8 @@ use prometheus::{
 };
 
 /// vLLM's end-to-end latency buckets.
+/// Calibration takes seconds on demo models and up to hours on 7B models.
+const CALIBRATION_BUCKETS: &[f64] = &[0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0];
 const REQUEST_BUCKETS: &[f64] =
     &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0];
 /// vLLM's time-to-first-token buckets (also used for queue wait and prefill).
@@ -54,6 +56,14 @@ pub struct Metrics {
     pub cancelled: IntCounterVec,
     /// FLOPs reduction of each pruned prefill.
     pub flops_reduction: Histogram,
+    /// Chat requests by the recipe they were served with (`none` when unpruned).
+    pub requests_by_recipe: IntCounterVec,
+    /// Calibration jobs by final `status`.
+    pub calibration_jobs: IntCounterVec,
+    /// Wall time of finished calibration jobs.
+    pub calibration_duration: Histogram,
+    /// Recipes in the store.
+    pub recipes_stored: IntGauge,
     model_info: IntGaugeVec,
 }
 
@@ -116,6 +126,16 @@ impl Metrics {
             &["reason"],
         )?;
         registry.register(Box::new(cancelled.clone()))?;
+        let requests_by_recipe = IntCounterVec::new(
+            Opts::new("fitprune_requests_by_recipe_total", "Chat requests by the pruning recipe applied"),
+            &["recipe"],
+        )?;
+        registry.register(Box::new(requests_by_recipe.clone()))?;
+        let calibration_jobs = IntCounterVec::new(
+            Opts::new("fitprune_calibration_jobs_total", "Calibration jobs by final status"),
+            &["status"],
+        )?;
+        registry.register(Box::new(calibration_jobs.clone()))?;
         let model_info = IntGaugeVec::new(
             Opts::new("fitprune_model_info", "The loaded model (value 1)"),
             &["model", "device", "dtype"],
@@ -152,6 +172,14 @@ impl Metrics {
                 "Visual-token FLOPs removed by each pruned prefill",
                 RATIO_BUCKETS,
             )?,
+            requests_by_recipe,
+            calibration_jobs,
+            calibration_duration: histogram(
+                "fitprune_calibration_duration_seconds",
+                "Wall time of finished calibration jobs",
+                CALIBRATION_BUCKETS,
+            )?,
+            recipes_stored: gauge("fitprune_recipes_stored", "Recipes in the store")?,
             model_info,
             registry,
         })

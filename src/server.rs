@@ -11,18 +11,22 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
+use crate::api::admin::AdminState;
 use crate::api::{build_app, ApiSettings, AppState};
 use crate::config::ServerConfig;
+use crate::engine::calibration::CalibrationJobs;
 use crate::engine::recipes::{FileRecipes, RecipeSource};
 use crate::engine::{Engine, EngineState, LoadedModel};
 use crate::metrics::Metrics;
 use crate::model::llava::LoadOptions;
 use crate::model::{source, LlavaModel};
+use crate::store::{self, source::DbRecipes};
 use crate::validation::images::ImageFetcher;
 use crate::validation::ValidationSettings;
 
-/// Builds the application state and starts the engine thread (which loads the model).
-pub fn start(cfg: &ServerConfig) -> anyhow::Result<(AppState, JoinHandle<()>, Arc<FileRecipes>)> {
+/// Builds the application state: opens the store (failing jobs a previous process left
+/// unfinished), starts the engine thread (which loads the model) and the calibration thread.
+pub async fn start(cfg: &ServerConfig) -> anyhow::Result<(AppState, JoinHandle<()>, Arc<FileRecipes>)> {
     let metrics = Metrics::new()?;
     let recipes = Arc::new(match &cfg.recipes {
         Some(path) => FileRecipes::load(path)?,
@@ -45,19 +49,38 @@ pub fn start(cfg: &ServerConfig) -> anyhow::Result<(AppState, JoinHandle<()>, Ar
             served_model_name: cfg.served_model_name.clone(),
             images: cfg.images.clone(),
             default_budget: cfg.default_budget,
+            detail_low_budget: cfg.detail_low_budget,
         },
         api_key: cfg.api_key.clone(),
         max_body_bytes: cfg.max_body_bytes,
         started: chrono::Utc::now().timestamp(),
     };
-    let source: Arc<dyn RecipeSource> = recipes.clone();
-    let state = AppState { engine, metrics, recipes: source, fetcher, settings: Arc::new(settings) };
+    let pool = store::open(&cfg.database_url).await.with_context(|| format!("opening {}", cfg.database_url))?;
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let interrupted = store::jobs::fail_interrupted(&pool, &now).await?;
+    if interrupted > 0 {
+        warn!(jobs = interrupted, "calibration jobs left unfinished by a previous process were marked failed");
+    }
+    metrics.recipes_stored.set(store::recipes::count(&pool).await?);
+    let db = Arc::new(DbRecipes::new(pool.clone()).with_file(recipes.clone()));
+    let (jobs, _calibration_thread) =
+        CalibrationJobs::start(pool, engine.clone(), db.clone(), metrics.clone(), tokio::runtime::Handle::current())?;
+    let admin = AdminState { token: cfg.admin_token.clone(), recipes: db.clone(), jobs };
+    let source: Arc<dyn RecipeSource> = db;
+    let state = AppState {
+        engine,
+        metrics,
+        recipes: source,
+        fetcher,
+        settings: Arc::new(settings),
+        admin: Some(Arc::new(admin)),
+    };
     Ok((state, worker, recipes))
 }
 
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
-    let (state, worker, recipes) = start(&cfg)?;
+    let (state, worker, recipes) = start(&cfg).await?;
     let engine = state.engine.clone();
     let listener = TcpListener::bind(cfg.addr).await.with_context(|| format!("binding {}", cfg.addr))?;
     info!(addr = %listener.local_addr()?, model = %cfg.served_model_name, "listening");

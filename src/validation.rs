@@ -75,6 +75,8 @@ pub struct ValidationSettings {
     pub images: ImageLimits,
     /// Budget applied when a request has no `pruning` field.
     pub default_budget: Option<f64>,
+    /// Budget for images sent with `detail: "low"` when a request has no `pruning` field.
+    pub detail_low_budget: f64,
 }
 
 /// Checks `req` against the settings.
@@ -146,7 +148,12 @@ pub fn validate(req: ChatRequest, settings: &ValidationSettings) -> Result<Valid
     if req.stream_options.is_some() && !stream {
         return Err(ValidationError::invalid("stream_options", "invalid_value", "stream_options needs stream: true"));
     }
-    let pruning = pruning_choice(req.pruning.as_ref(), settings.default_budget)?;
+    let default = match image_detail(&req)? {
+        Some(Detail::High) => None,
+        Some(Detail::Low) => Some(settings.detail_low_budget),
+        None => settings.default_budget,
+    };
+    let pruning = pruning_choice(req.pruning.as_ref(), default)?;
     let sampling = SamplingParams {
         temperature: temperature as f32,
         top_p: top_p as f32,
@@ -207,6 +214,40 @@ fn logprob_options(req: &ChatRequest) -> Result<Option<LogprobOptions>, Validati
     }
     Ok(wanted
         .then(|| LogprobOptions { top: top as usize, as_token_ids: req.return_tokens_as_token_ids.unwrap_or(false) }))
+}
+
+/// The strongest `detail` over the request's images: any `high` wins (unpruned), then `low`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Detail {
+    Low,
+    High,
+}
+
+fn image_detail(req: &ChatRequest) -> Result<Option<Detail>, ValidationError> {
+    let mut found = None;
+    for (i, m) in req.messages.iter().enumerate() {
+        let Some(crate::protocol::chat::Content::Parts(parts)) = &m.content else { continue };
+        for (j, p) in parts.iter().enumerate() {
+            let crate::protocol::chat::Part::ImageUrl { image_url } = p else { continue };
+            let d = match image_url.detail.as_deref() {
+                None | Some("auto") => continue,
+                Some("low") => Detail::Low,
+                Some("high") => Detail::High,
+                Some(other) => {
+                    return Err(ValidationError::invalid(
+                        format!("messages[{i}].content[{j}].image_url.detail"),
+                        "invalid_value",
+                        format!("detail must be auto, low or high, got {other:?}"),
+                    ))
+                }
+            };
+            found = Some(match found {
+                Some(Detail::High) => Detail::High,
+                _ => d,
+            });
+        }
+    }
+    Ok(found)
 }
 
 fn pruning_choice(field: Option<&PruningField>, default_budget: Option<f64>) -> Result<PruningChoice, ValidationError> {

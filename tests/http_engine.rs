@@ -238,6 +238,7 @@ fn manual_state(loader: fitprune::engine::queue::Loader) -> AppState {
             served_model_name: "demo".into(),
             images: ImageLimits::default(),
             default_budget: None,
+            detail_low_budget: 0.7,
         },
         api_key: None,
         max_body_bytes: 1 << 20,
@@ -249,6 +250,7 @@ fn manual_state(loader: fitprune::engine::queue::Loader) -> AppState {
         recipes: Arc::new(FileRecipes::empty()),
         fetcher: ImageFetcher::new(ImageLimits::default()).unwrap(),
         settings: Arc::new(settings),
+        admin: None,
     }
 }
 

@@ -177,6 +177,10 @@ async fn image_url_fetch_limits() {
     // Three redirects are followed; a fourth is refused.
     let (status, _, body) = server.chat(&fetch("/redirect/3")).await;
     assert_eq!(status, 200, "{body}");
+    // A hostname goes through the guarded resolver (allowed here) and keeps the URL's port.
+    let by_name = images.replace("127.0.0.1", "localhost");
+    let (status, _, body) = server.chat(&with_messages(user_with_images("x", &[&format!("{by_name}/img.png")]))).await;
+    assert_eq!(status, 200, "{body}");
     let (status, _, body) = server.chat(&fetch("/redirect/4")).await;
     assert_eq!(code_of(status, &body), "image_fetch_failed");
     assert!(body["error"]["message"].as_str().unwrap().contains("redirects"), "{body}");

@@ -21,7 +21,8 @@ fn document() -> Value {
 fn documented_routes(doc: &Value) -> BTreeSet<(String, String)> {
     let mut out = BTreeSet::new();
     for (path, ops) in doc["paths"].as_object().unwrap() {
-        for method in ops.as_object().unwrap().keys() {
+        // Path items also hold shared `parameters`, which are not operations.
+        for method in ops.as_object().unwrap().keys().filter(|k| *k != "parameters") {
             out.insert((method.to_uppercase(), path.clone()));
         }
     }
@@ -36,19 +37,45 @@ async fn served_routes_and_the_document_agree() {
     assert_eq!(documented_routes(&doc), served);
 
     // Every documented operation is routed (not the unknown-route or wrong-method fallback).
-    let server = start(&[]).await;
+    let server = start(&["--admin-token", "t"]).await;
     let app = fitprune::build_app(server.state.clone());
-    for (method, path) in &served {
-        let uri = path.replace("{model}", "demo");
-        let body = if method == "POST" { Body::from(short_request().to_string()) } else { Body::empty() };
+    let recipe_id = admin_post(&app, "/admin/recipes", json!({"deletions": [2, 0, 0, 0]})).await;
+    let job_id = admin_post(
+        &app,
+        "/admin/calibrate",
+        json!({"budgets": [0.5], "samples": [
+        {"image": http_common::data_url(&http_common::png(32, 32)), "prompt": "hi"}]}),
+    )
+    .await;
+    // Reads first, deletes last, so each `{id}` still exists when it is read.
+    let mut ordered: Vec<&(String, String)> = served.iter().collect();
+    ordered.sort_by_key(|(m, _)| match m.as_str() {
+        "GET" => 0,
+        "POST" => 1,
+        _ => 2,
+    });
+    for (method, path) in ordered {
+        let id = if path.starts_with("/admin/jobs/") { &job_id } else { &recipe_id };
+        let uri = path.replace("{model}", "demo").replace("{id}", id);
+        let body = match (method.as_str(), path.as_str()) {
+            ("POST", "/admin/calibrate") => json!({"budgets": [0.5], "samples": [
+                {"image": http_common::data_url(&http_common::png(32, 32)), "prompt": "hi"}]}),
+            ("POST", "/admin/recipes") => json!({"deletions": [1, 0, 0, 0]}),
+            ("POST", _) => short_request(),
+            _ => Value::Null,
+        };
+        let body = if body.is_null() { Body::empty() } else { Body::from(body.to_string()) };
         let req = Request::builder()
             .method(method.as_str())
             .uri(&uri)
             .header("content-type", "application/json")
+            .header("authorization", "Bearer t")
             .body(body)
             .unwrap();
         let resp = app.clone().oneshot(req).await.unwrap();
-        assert!(resp.status().is_success(), "{method} {uri}: {}", resp.status());
+        // Deleting the job may race with it finishing (400 job_finished): still routed.
+        let routed = resp.status().is_success() || (method == "DELETE" && path == "/admin/jobs/{id}");
+        assert!(routed, "{method} {uri}: {}", resp.status());
     }
     // And an undocumented path is not.
     let req = Request::builder().uri("/v1/completions").body(Body::empty()).unwrap();
@@ -166,4 +193,20 @@ async fn responses_use_only_documented_fields() {
     assert_matches(&doc, "ErrorBody", &error);
     // The request schema declares every field the server reads.
     assert_matches(&doc, "ChatRequest", &stream_req);
+}
+
+/// POSTs an admin request that must succeed and returns the `id` it created.
+async fn admin_post(app: &axum::Router, uri: &str, body: Value) -> String {
+    let req = Request::builder()
+        .method("POST")
+        .uri(uri)
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer t")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert!(resp.status().is_success(), "{uri}: {}", resp.status());
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+    let created: Value = serde_json::from_slice(&bytes).unwrap();
+    created["id"].as_str().unwrap().to_string()
 }

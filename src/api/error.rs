@@ -25,6 +25,9 @@ pub enum ApiError {
     /// 401: missing or wrong API key.
     #[error("{0}")]
     Unauthorized(String),
+    /// 403: the route is disabled on this server (admin API without a token).
+    #[error("{0}")]
+    Forbidden(String),
     /// 404: unknown route, model or recipe.
     #[error("{message}")]
     NotFound { message: String, param: Option<String>, code: String },
@@ -59,6 +62,7 @@ impl ApiError {
         match self {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -74,6 +78,7 @@ impl ApiError {
         let (kind, param, code) = match self {
             Self::BadRequest { param, code, .. } => ("invalid_request_error", param.clone(), code.clone()),
             Self::Unauthorized(_) => ("authentication_error", None, Some("invalid_api_key".into())),
+            Self::Forbidden(_) => ("permission_error", None, Some("forbidden".into())),
             Self::NotFound { param, code, .. } => ("not_found_error", param.clone(), Some(code.clone())),
             Self::MethodNotAllowed(_) => ("invalid_request_error", None, Some("method_not_allowed".into())),
             Self::PayloadTooLarge(_) => ("invalid_request_error", None, Some("request_too_large".into())),

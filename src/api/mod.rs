@@ -1,6 +1,7 @@
 //! The HTTP layer: axum handlers only (extract -> validate -> engine -> respond), plus the
 //! router with its layers (request ids, tracing, metrics, body limit, API key).
 
+pub mod admin;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -35,6 +36,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/models/{model}"),
     ("GET", "/health"),
     ("GET", "/metrics"),
+    ("POST", "/admin/calibrate"),
+    ("GET", "/admin/jobs"),
+    ("GET", "/admin/jobs/{id}"),
+    ("DELETE", "/admin/jobs/{id}"),
+    ("GET", "/admin/recipes"),
+    ("POST", "/admin/recipes"),
+    ("GET", "/admin/recipes/{id}"),
+    ("DELETE", "/admin/recipes/{id}"),
 ];
 
 /// The request-id header set on every request and response.
@@ -66,6 +75,8 @@ pub struct AppState {
     pub fetcher: ImageFetcher,
     /// Settings.
     pub settings: Arc<ApiSettings>,
+    /// Admin API state (store, calibration thread, token); `None` answers 403 on /admin.
+    pub admin: Option<Arc<admin::AdminState>>,
 }
 
 /// The router with every route and layer.
@@ -75,8 +86,16 @@ pub fn build_app(state: AppState) -> Router {
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{model}", get(openai::get_model))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    let admin_routes = Router::new()
+        .route("/admin/calibrate", post(admin::calibrate))
+        .route("/admin/jobs", get(admin::list_jobs))
+        .route("/admin/jobs/{id}", get(admin::get_job).delete(admin::cancel_job))
+        .route("/admin/recipes", get(admin::list_recipes).post(admin::import_recipe))
+        .route("/admin/recipes/{id}", get(admin::get_recipe).delete(admin::delete_recipe))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admin::require_admin_token));
     Router::new()
         .merge(v1)
+        .merge(admin_routes)
         .route("/health", get(health::health))
         .route("/metrics", get(metrics::metrics))
         .fallback(unknown_route)

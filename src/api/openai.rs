@@ -110,6 +110,8 @@ pub async fn chat_completions(
     };
     let prompt = prepare(&state, &loaded, &valid).await?;
     let request_id = headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+    let recipe_label = recipe.as_ref().map_or("none", |r| r.id.as_str()).to_string();
+    state.metrics.requests_by_recipe.with_label_values(&[recipe_label.as_str()]).inc();
     let job = ChatJob { request_id, prompt, params: valid.params.clone(), recipe: recipe.clone() };
     let mut rx = state.engine.submit(job)?;
     // Wait for prefill so errors up to there (timeout in the queue, shutdown, a prompt the
@@ -128,11 +130,15 @@ pub async fn chat_completions(
         recipe,
         unpruned_reason,
     };
-    if valid.stream {
-        Ok(sse::respond(meta, prefill, rx, valid.include_usage).into_response())
+    let mut resp = if valid.stream {
+        sse::respond(meta, prefill, rx, valid.include_usage).into_response()
     } else {
-        Ok(Json(collect(meta, prefill, rx).await?).into_response())
+        Json(collect(meta, prefill, rx).await?).into_response()
+    };
+    if let Ok(v) = axum::http::HeaderValue::from_str(&recipe_label) {
+        resp.headers_mut().insert("x-fitprune-recipe", v);
     }
+    Ok(resp)
 }
 
 /// Fetches and decodes the images, then renders and tokenizes the prompt off the async workers.

@@ -1,6 +1,7 @@
 //! Running the model: sampling, stop strings, step-wise sequences, the generation loop, and the
 //! server's engine — a queue in front of one thread that owns the model and schedules sequences.
 
+pub mod calibration;
 pub mod generate;
 pub mod loaded;
 pub mod queue;

@@ -126,7 +126,8 @@ pub enum Part {
 pub struct ImageUrl {
     /// A `data:image/...;base64,` URL or an http(s) URL.
     pub url: String,
-    /// `auto`, `low` or `high`: accepted and ignored (LLaVA-1.5 sees one fixed resolution).
+    /// `auto`, `low` or `high`: without a `pruning` field, `low` prunes with `--detail-low-budget`,
+    /// `high` runs unpruned, `auto` takes the server default.
     #[serde(default)]
     pub detail: Option<String>,
 }

@@ -3,6 +3,7 @@
 
 pub mod jobs;
 pub mod recipes;
+pub mod source;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -4,7 +4,12 @@ use super::*;
 use crate::protocol::ChatRequest;
 
 fn settings() -> ValidationSettings {
-    ValidationSettings { served_model_name: "demo".into(), images: ImageLimits::default(), default_budget: None }
+    ValidationSettings {
+        served_model_name: "demo".into(),
+        images: ImageLimits::default(),
+        default_budget: None,
+        detail_low_budget: 0.7,
+    }
 }
 
 fn check(json: serde_json::Value) -> Result<ValidRequest, ValidationError> {

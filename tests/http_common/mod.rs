@@ -49,6 +49,14 @@ pub fn args(extra: &[&str]) -> ServeArgs {
     let dir = demo_dir().to_str().unwrap().to_string();
     let mut argv = vec!["serve".to_string(), "--model".into(), dir, "--served-model-name".into(), "demo".into()];
     argv.extend(extra.iter().map(|s| s.to_string()));
+    if !extra.contains(&"--database-url") {
+        // Never the default ./fitprune.db: each server gets its own file under the temp dir.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let db = std::env::temp_dir().join(format!("fitprune-test-{}-{n}.db", std::process::id()));
+        argv.push("--database-url".into());
+        argv.push(format!("sqlite://{}", db.display()));
+    }
     ServeArgs::parse_from(argv)
 }
 
@@ -59,7 +67,7 @@ pub async fn start(extra: &[&str]) -> TestServer {
 
 /// Starts a server from a (possibly edited) config and waits until it is ready.
 pub async fn start_with(cfg: fitprune::config::ServerConfig) -> TestServer {
-    let (state, _worker, _recipes) = fitprune::server::start(&cfg).unwrap();
+    let (state, _worker, _recipes) = fitprune::server::start(&cfg).await.unwrap();
     wait_ready(&state).await;
     serve(state).await
 }

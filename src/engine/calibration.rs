@@ -1,0 +1,268 @@
+//! Calibration jobs in the background: one job at a time on a dedicated thread, sharing the
+//! engine's loaded model (read-only tensors), always giving way to chat traffic.
+//!
+//! Between decoder-layer evaluations the job checks its cancel flag and then waits while the
+//! engine has any chat request waiting or running, so a chat request waits at most for the one
+//! layer evaluation in flight when it arrived. Progress, the outcome and the fitted recipes are
+//! written to the store; a cancelled job stores nothing.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use image::DynamicImage;
+use sqlx::SqlitePool;
+use tokio::runtime::Handle;
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+use crate::model::prompt::{ChatMessage, ContentPart};
+use crate::pruning::calibrate::{calibrate, CalibrateOptions, CalibrationObserver};
+use crate::pruning::{PruneError, Recipe};
+use crate::store::jobs::{self, JobStatus, Progress};
+use crate::store::source::DbRecipes;
+use crate::store::{new_id, recipes};
+
+use super::{Engine, EngineState, LoadedModel};
+
+/// One image + question to calibrate on.
+#[derive(Debug, Clone)]
+pub struct CalibrationSample {
+    /// The decoded image.
+    pub image: DynamicImage,
+    /// The user's question.
+    pub prompt: String,
+}
+
+/// A job ready to run (its row already exists as `queued`).
+#[derive(Debug, Clone)]
+pub struct CalibrationRequest {
+    /// Job id (row in `calibration_jobs`).
+    pub job_id: String,
+    /// Name prefix for the recipes.
+    pub name: Option<String>,
+    /// FLOPs budgets.
+    pub budgets: Vec<f64>,
+    /// Alpha search tolerance.
+    pub tolerance: f64,
+    /// Samples.
+    pub samples: Vec<CalibrationSample>,
+}
+
+/// Handle to the calibration thread.
+#[derive(Clone)]
+pub struct CalibrationJobs {
+    tx: Sender<CalibrationRequest>,
+    cancels: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
+}
+
+/// What the thread needs.
+struct Runner {
+    pool: SqlitePool,
+    engine: Engine,
+    recipes: Arc<DbRecipes>,
+    metrics: Metrics,
+    rt: Handle,
+    cancels: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
+}
+
+impl CalibrationJobs {
+    /// Starts the calibration thread. `rt` runs the store queries.
+    pub fn start(
+        pool: SqlitePool,
+        engine: Engine,
+        recipes: Arc<DbRecipes>,
+        metrics: Metrics,
+        rt: Handle,
+    ) -> std::io::Result<(Self, JoinHandle<()>)> {
+        let (tx, rx) = channel();
+        let cancels = Arc::new(Mutex::new(HashMap::new()));
+        let runner = Runner { pool, engine, recipes, metrics, rt, cancels: cancels.clone() };
+        let handle = std::thread::Builder::new().name("fitprune-calibration".into()).spawn(move || runner.run(rx))?;
+        Ok((Self { tx, cancels }, handle))
+    }
+
+    /// Queues a job whose row was created as `queued`.
+    pub fn submit(&self, req: CalibrationRequest) -> bool {
+        if let Ok(mut c) = self.cancels.lock() {
+            c.insert(req.job_id.clone(), Arc::new(AtomicBool::new(false)));
+        }
+        self.tx.send(req).is_ok()
+    }
+
+    /// Asks a queued or running job to stop (at the next layer boundary).
+    pub fn cancel(&self, job_id: &str) {
+        if let Ok(c) = self.cancels.lock() {
+            if let Some(flag) = c.get(job_id) {
+                flag.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Progress to the store, cancellation, and yielding to chat traffic.
+struct Observer<'a> {
+    runner: &'a Runner,
+    job_id: &'a str,
+    cancel: Arc<AtomicBool>,
+    last_write: Instant,
+}
+
+impl CalibrationObserver for Observer<'_> {
+    fn progress(&mut self, done: usize, total: usize, phase: &str) {
+        // At most a few writes a second; the final state is written by `finish`.
+        if self.last_write.elapsed() < Duration::from_millis(200) && done < total {
+            return;
+        }
+        self.last_write = Instant::now();
+        let p = Progress { done: done as u64, total: total as u64, phase: phase.to_string() };
+        if let Err(e) = self.runner.rt.block_on(jobs::progress(&self.runner.pool, self.job_id, &p)) {
+            warn!(job = self.job_id, error = %e, "recording calibration progress failed");
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        while !self.cancel.load(Ordering::SeqCst) && self.runner.chat_busy() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.cancel.load(Ordering::SeqCst)
+    }
+}
+
+impl Runner {
+    fn run(self, rx: Receiver<CalibrationRequest>) {
+        while let Ok(req) = rx.recv() {
+            let started = Instant::now();
+            let status = self.run_job(&req);
+            self.metrics.calibration_jobs.with_label_values(&[status.as_str()]).inc();
+            self.metrics.calibration_duration.observe(started.elapsed().as_secs_f64());
+            if let Ok(mut c) = self.cancels.lock() {
+                c.remove(&req.job_id);
+            }
+        }
+    }
+
+    fn chat_busy(&self) -> bool {
+        self.engine.waiting() > 0 || self.metrics.running.get() > 0
+    }
+
+    fn now() -> String {
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    }
+
+    fn finish(&self, id: &str, status: JobStatus, error: Option<&str>, recipe_ids: &[String]) -> JobStatus {
+        if let Err(e) = self.rt.block_on(jobs::finish(&self.pool, id, status, error, recipe_ids, &Self::now())) {
+            warn!(job = id, error = %e, "recording the end of a calibration job failed");
+        }
+        status
+    }
+
+    fn run_job(&self, req: &CalibrationRequest) -> JobStatus {
+        let id = req.job_id.as_str();
+        let cancel = self.cancels.lock().ok().and_then(|c| c.get(id).cloned()).unwrap_or_default();
+        if cancel.load(Ordering::SeqCst) {
+            return self.finish(id, JobStatus::Cancelled, None, &[]);
+        }
+        let loaded = match self.wait_for_model() {
+            Some(l) => l,
+            None => return self.finish(id, JobStatus::Failed, Some("the model is not loaded"), &[]),
+        };
+        match self.rt.block_on(jobs::start(&self.pool, id, &Self::now())) {
+            Ok(true) => {}
+            Ok(false) => return JobStatus::Cancelled, // cancelled while queued; already final
+            Err(e) => return self.finish(id, JobStatus::Failed, Some(&e.to_string()), &[]),
+        }
+        info!(job = id, samples = req.samples.len(), budgets = ?req.budgets, "calibration started");
+        let mut observer = Observer { runner: self, job_id: id, cancel, last_write: Instant::now() };
+        match self.calibrate(req, &loaded, &mut observer) {
+            Ok(recipes) => {
+                let ids: Vec<String> = recipes.iter().map(|r| r.id.clone()).collect();
+                self.recipes.invalidate();
+                self.refresh_recipe_gauge();
+                info!(job = id, recipes = ?ids, "calibration succeeded");
+                self.finish(id, JobStatus::Succeeded, None, &ids)
+            }
+            Err(PruneError::Cancelled) => self.finish(id, JobStatus::Cancelled, None, &[]),
+            Err(e) => self.finish(id, JobStatus::Failed, Some(&e.to_string()), &[]),
+        }
+    }
+
+    /// Waits (up to 10 minutes) for the engine to finish loading.
+    fn wait_for_model(&self) -> Option<Arc<LoadedModel>> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            match self.engine.state() {
+                EngineState::Ready(m) => return Some(m),
+                EngineState::Loading if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                _ => return None,
+            }
+        }
+    }
+
+    fn calibrate(
+        &self,
+        req: &CalibrationRequest,
+        loaded: &LoadedModel,
+        observer: &mut Observer<'_>,
+    ) -> Result<Vec<Recipe>, PruneError> {
+        let model = &loaded.model;
+        let prompts = req
+            .samples
+            .iter()
+            .map(|s| {
+                let msg = ChatMessage {
+                    role: "user".into(),
+                    content: vec![ContentPart::Image, ContentPart::Text(s.prompt.clone())],
+                };
+                model.prepare(&[msg], std::slice::from_ref(&s.image))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let opts = CalibrateOptions { budgets: req.budgets.clone(), tolerance: req.tolerance };
+        let result = calibrate(model, &prompts, &opts, observer)?;
+        let unreachable: Vec<f64> = result.budgets.iter().filter(|b| b.alpha.is_none()).map(|b| b.budget).collect();
+        if !unreachable.is_empty() {
+            return Err(PruneError::InvalidInput(format!(
+                "budgets {unreachable:?} cannot be reached even at alpha = 1"
+            )));
+        }
+        let created_at = Self::now();
+        let prefix = req.name.clone().unwrap_or_else(|| "fitprune".into());
+        let fitted: Vec<Recipe> = result
+            .budgets
+            .iter()
+            .map(|b| Recipe {
+                id: new_id("rcp"),
+                name: format!("{prefix}-{:.0}", b.budget * 100.0),
+                model_fingerprint: loaded.info.fingerprint.clone(),
+                budget: b.budget,
+                achieved_reduction: b.achieved_reduction,
+                deletions: b.deletions.clone(),
+                alpha: b.alpha,
+                visual_tokens: result.visual_tokens,
+                samples: result.samples,
+                created_at: created_at.clone(),
+                job_id: Some(req.job_id.clone()),
+            })
+            .collect();
+        // All recipes of a job land together or not at all.
+        let stored: Result<(), crate::store::StoreError> = self.rt.block_on(async {
+            let mut tx = self.pool.begin().await?;
+            for r in &fitted {
+                recipes::insert(&mut *tx, r).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        });
+        stored.map_err(|e| PruneError::InvalidInput(format!("storing recipes: {e}")))?;
+        Ok(fitted)
+    }
+
+    fn refresh_recipe_gauge(&self) {
+        if let Ok(n) = self.rt.block_on(recipes::count(&self.pool)) {
+            self.metrics.recipes_stored.set(n);
+        }
+    }
+}
