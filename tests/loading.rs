@@ -106,3 +106,27 @@ fn a_checkpoint_missing_a_tensor_names_it() {
     let e = load_err(&dir);
     assert!(e.contains("multi_modal_projector.linear_2.weight"), "{e}");
 }
+
+#[test]
+fn a_hub_id_resolves_offline_from_the_hf_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The layout hf-hub (and huggingface_hub) use: hub/models--org--name/{refs/main,snapshots/REV/*}.
+    let repo = tmp.path().join("hub").join("models--acme--tiny-llava");
+    let rev = "0123456789abcdef0123456789abcdef01234567";
+    let snapshot = repo.join("snapshots").join(rev);
+    write_demo_model(&snapshot, &DemoOptions::default()).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), rev).unwrap();
+    // Only this test reads HF_HOME; other tests in this binary never touch the hub.
+    std::env::set_var("HF_HOME", tmp.path());
+    let src = fitprune::model::source::resolve(Some("acme/tiny-llava")).unwrap();
+    assert_eq!(src.dir, snapshot);
+    assert!(!src.is_demo);
+    assert_eq!(src.name, "acme/tiny-llava");
+    let model = LlavaModel::load(&src.dir, LoadOptions::default()).unwrap();
+    assert_eq!(model.config().image_feature_count(), 144);
+    // A hub id that is not cached is an error naming it, with HF_HUB_OFFLINE=1 (no network).
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+    let err = fitprune::model::source::resolve(Some("acme/not-cached")).unwrap_err().to_string();
+    assert!(err.contains("acme/not-cached/config.json"), "{err}");
+}

@@ -83,17 +83,24 @@ pub fn demo_model_dir() -> Result<PathBuf> {
 fn from_hub(id: &str) -> Result<PathBuf> {
     let cache = hf_hub::Cache::from_env();
     let cached = cache.model(id.to_string());
+    // A model whose config is cached is used from the cache alone (optional files that were never
+    // downloaded stay absent); the hub is asked only for a model not cached yet, and never with
+    // HF_HUB_OFFLINE=1.
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let online = !offline && cached.get("config.json").is_none();
     let api =
         hf_hub::api::sync::ApiBuilder::from_cache(cache.clone()).build().map_err(|e| ModelError::Hub(e.to_string()));
     let get = |file: &str, required: bool| -> Result<Option<PathBuf>> {
         if let Some(p) = cached.get(file) {
             return Ok(Some(p));
         }
+        let missing = || ModelError::Hub(format!("{id}/{file} is not in the hub cache and the hub is not consulted"));
+        if !online {
+            return if required { Err(missing()) } else { Ok(None) };
+        }
         let api = match &api {
             Ok(api) => api,
-            Err(e) if required => {
-                return Err(ModelError::Hub(format!("{id}/{file} is not cached and the hub is unreachable: {e}")))
-            }
+            Err(e) if required => return Err(ModelError::Hub(format!("{id}/{file}: {e}"))),
             Err(_) => return Ok(None),
         };
         match api.model(id.to_string()).get(file) {
