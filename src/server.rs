@@ -2,7 +2,7 @@
 //! `/health` answers 503 meanwhile), listen, and shut down gracefully on SIGINT/SIGTERM — stop
 //! accepting, let in-flight requests finish for `--shutdown-timeout`, then cancel the rest.
 
-use std::future::IntoFuture;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -81,20 +81,30 @@ pub async fn start(cfg: &ServerConfig) -> anyhow::Result<(AppState, JoinHandle<(
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     let (state, worker, recipes) = start(&cfg).await?;
-    let engine = state.engine.clone();
     let listener = TcpListener::bind(cfg.addr).await.with_context(|| format!("binding {}", cfg.addr))?;
     info!(addr = %listener.local_addr()?, model = %cfg.served_model_name, "listening");
-    tokio::spawn(log_recipes_when_loaded(engine.clone(), recipes));
+    tokio::spawn(log_recipes_when_loaded(state.engine.clone(), recipes));
+    serve(listener, state, worker, shutdown_signal(), cfg.shutdown_timeout).await
+}
 
+/// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish for
+/// `grace`, cancels whatever still runs, and joins the engine thread.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    worker: JoinHandle<()>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let engine = state.engine.clone();
     let (signalled_tx, mut signalled_rx) = tokio::sync::watch::channel(false);
     let drain_engine = engine.clone();
     let server = axum::serve(listener, build_app(state)).with_graceful_shutdown(async move {
-        shutdown_signal().await;
+        shutdown.await;
         info!("shutting down: no new requests; finishing in-flight ones");
         drain_engine.begin_drain();
         let _ = signalled_tx.send(true);
     });
-    let grace = cfg.shutdown_timeout;
     let cancel_engine = engine.clone();
     let deadline = async move {
         let _ = signalled_rx.wait_for(|s| *s).await;

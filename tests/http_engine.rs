@@ -68,12 +68,19 @@ struct StepperState {
 impl Stepper {
     /// A server whose engine rounds are gated by the returned stepper (initially `permits`).
     async fn server(extra: &[&str], permits: Option<usize>) -> (TestServer, Arc<Stepper>) {
-        let stepper =
-            Arc::new(Stepper { state: Mutex::new(StepperState { permits, blocked: false }), cv: Condvar::new() });
+        let stepper = Stepper::new(permits);
         let mut cfg = args(extra).validate().unwrap();
-        let hook = stepper.clone();
-        cfg.engine.round_hook = Some(RoundHook(Arc::new(move || hook.take())));
+        cfg.engine.round_hook = Some(stepper.hook());
         (start_with(cfg).await, stepper)
+    }
+
+    fn new(permits: Option<usize>) -> Arc<Self> {
+        Arc::new(Stepper { state: Mutex::new(StepperState { permits, blocked: false }), cv: Condvar::new() })
+    }
+
+    fn hook(self: &Arc<Self>) -> RoundHook {
+        let me = self.clone();
+        RoundHook(Arc::new(move || me.take()))
     }
 
     fn take(&self) {
@@ -228,6 +235,67 @@ async fn shutdown_cancels_streams_and_refuses_new_work() {
     assert!(text.contains("shutting_down"), "{text}");
     let (status, _, body) = server.chat(&short()).await;
     assert_eq!(assert_error(status, &body, 503, None)["code"], "shutting_down");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_in_flight_work_then_cancels_what_is_left() {
+    // With a long grace period the in-flight stream completes; with a short one it is cancelled.
+    for (grace, completes) in [("30", true), ("0.3", false)] {
+        let stepper = Stepper::new(Some(2));
+        let mut cfg = args(&["--shutdown-timeout", grace]).validate().unwrap();
+        cfg.engine.round_hook = Some(stepper.hook());
+        let (state, worker, _) = fitprune::server::start(&cfg).await.unwrap();
+        wait_ready(&state).await;
+        let engine = state.engine.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = async move {
+            let _ = stop_rx.await;
+        };
+        let server = tokio::spawn(fitprune::server::serve(listener, state, worker, stop, cfg.shutdown_timeout));
+        let resp = reqwest::Client::new()
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&long_stream())
+            .send()
+            .await
+            .unwrap();
+        let mut body = resp.bytes_stream();
+        let mut seen = String::from_utf8_lossy(&body.next().await.unwrap().unwrap()).to_string();
+        eventually("two rounds ran", || stepper.blocked()).await;
+
+        stop_tx.send(()).unwrap();
+        eventually("the engine drains", || engine.is_draining()).await;
+        // The listener closes: new connections are refused.
+        let mut refused = false;
+        for _ in 0..100 {
+            if reqwest::Client::new().get(format!("{base}/health")).send().await.is_err() {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(refused, "still accepting connections after shutdown began");
+        if !completes {
+            // Past the grace period the engine is told to cancel; let it run again afterwards.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+        stepper.run_freely();
+        while let Some(chunk) = body.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+        let events = sse_data(&seen);
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{seen}");
+        let last: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        if completes {
+            assert_eq!(last["choices"][0]["finish_reason"], "stop", "{last}");
+        } else {
+            assert_eq!(last["error"]["code"], "shutting_down", "{last}");
+        }
+        // serve returns once connections are closed, after joining the engine thread.
+        tokio::time::timeout(Duration::from_secs(20), server).await.unwrap().unwrap().unwrap();
+        assert!(matches!(engine.state(), fitprune::engine::EngineState::Stopped));
+    }
 }
 
 fn manual_state(loader: fitprune::engine::queue::Loader) -> AppState {
