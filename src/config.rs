@@ -195,6 +195,7 @@ impl ServeArgs {
             fetch_timeout: seconds("image-fetch-timeout", self.image_fetch_timeout)?,
             max_redirects: 3,
             allow_private: self.allow_private_image_urls,
+            pad_to_square: self.pad_to_square,
         };
         Ok(ServerConfig {
             model: self.model,

@@ -231,3 +231,44 @@ async fn pruning_by_budget_and_recipe_id_from_the_recipes_file() {
     assert_eq!(metric(&text, "fitprune_flops_reduction_ratio_count"), Some(2.0));
     assert!(metric(&text, r#"fitprune_prefill_duration_seconds_count{pruned="true"}"#) == Some(2.0), "{text}");
 }
+
+#[tokio::test]
+async fn jpeg_webp_gif_and_extreme_shapes_are_accepted_other_formats_refused() {
+    use image::codecs::gif::GifEncoder;
+    use image::{DynamicImage, Frame, ImageFormat, RgbaImage};
+    let server = start(&[]).await;
+    let encode = |img: DynamicImage, format: ImageFormat| {
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    };
+    let rgb = |w, h| DynamicImage::ImageRgb8(image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 7])));
+    let mut animated = Vec::new();
+    {
+        let mut enc = GifEncoder::new(&mut animated);
+        let frames = (0..2).map(|i| Frame::new(RgbaImage::from_pixel(30, 20, image::Rgba([i * 200, 50, 50, 255]))));
+        enc.encode_frames(frames).unwrap();
+    }
+    let images = [
+        ("jpeg", encode(rgb(50, 40), ImageFormat::Jpeg)),
+        ("webp", encode(rgb(50, 40), ImageFormat::WebP)),
+        ("gif", encode(rgb(50, 40), ImageFormat::Gif)),
+        ("animated gif", animated),
+        ("1x1", png(1, 1)),
+        ("3000x1", png(3000, 1)),
+        ("1x3000", png(1, 3000)),
+    ];
+    for (name, bytes) in images {
+        let req = json!({"messages": user_with_images("x", &[&data_url(&bytes)]), "max_tokens": 1, "temperature": 0});
+        let (status, _, body) = server.chat(&req).await;
+        assert_eq!(status, 200, "{name}: {body}");
+        assert_eq!(body["pruning"]["visual_tokens"], 144, "{name}");
+    }
+    // A BMP (recognised, not enabled) and a TIFF header are refused by name, not with a 500.
+    for (name, bytes) in [("bmp", b"BM\0\0\0\0\0\0\0\0\0\0\0\0\0\0".to_vec()), ("tiff", b"II*\0\x08\0\0\0".to_vec())] {
+        let req = json!({"messages": user_with_images("x", &[&data_url(&bytes)]), "max_tokens": 1});
+        let (status, _, body) = server.chat(&req).await;
+        assert_eq!(status, 400, "{name}: {body}");
+        assert_eq!(body["error"]["code"], "unsupported_image_format", "{name}: {body}");
+    }
+}

@@ -34,6 +34,9 @@ pub struct ImageLimits {
     pub max_redirects: usize,
     /// Allow URLs that resolve to private/loopback/link-local addresses.
     pub allow_private: bool,
+    /// Images are padded to a square before resizing (`--pad-to-square`): the square, not the
+    /// image, counts against `max_pixels`, so a 20000x1 strip cannot become a 20000² canvas.
+    pub pad_to_square: bool,
 }
 
 impl Default for ImageLimits {
@@ -45,6 +48,7 @@ impl Default for ImageLimits {
             fetch_timeout: Duration::from_secs(10),
             max_redirects: 3,
             allow_private: false,
+            pad_to_square: false,
         }
     }
 }
@@ -146,6 +150,17 @@ pub fn decode(bytes: &[u8], param: &str, limits: &ImageLimits) -> Result<Dynamic
         return Err(invalid(
             "image_too_many_pixels",
             format!("the image is {w}x{h} = {pixels} pixels; the limit is {}", limits.max_pixels),
+        ));
+    }
+    let side = u64::from(w.max(h));
+    if limits.pad_to_square && side * side > limits.max_pixels {
+        return Err(invalid(
+            "image_too_many_pixels",
+            format!(
+                "the image is {w}x{h}; padded to a square (--pad-to-square) it would be {} pixels; the limit is {}",
+                side * side,
+                limits.max_pixels
+            ),
         ));
     }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
@@ -393,6 +408,13 @@ mod tests {
         }
         let e = decode(&png, "p", &ImageLimits::default()).unwrap_err();
         assert!(matches!(e, ValidationError::Invalid { code: "image_too_many_pixels", .. }), "{e:?}");
+        // A 400 x 10 strip is fine as is but not padded to a 400 x 400 square.
+        let mut strip = Cursor::new(Vec::new());
+        image::RgbImage::new(400, 10).write_to(&mut strip, ImageFormat::Png).unwrap();
+        let limits = ImageLimits { max_pixels: 100_000, ..Default::default() };
+        assert!(decode(strip.get_ref(), "p", &limits).is_ok());
+        let e = decode(strip.get_ref(), "p", &ImageLimits { pad_to_square: true, ..limits }).unwrap_err();
+        assert!(e.to_string().contains("square"), "{e}");
         let e = decode(b"hello", "p", &ImageLimits::default()).unwrap_err();
         assert!(matches!(e, ValidationError::Invalid { code: "invalid_image", .. }), "{e:?}");
     }
