@@ -175,6 +175,28 @@ async fn a_client_that_disconnects_mid_stream_is_cancelled_and_frees_its_slot() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_cancels_a_non_streaming_request() {
+    let (server, stepper) = Stepper::server(&["--max-running", "1"], Some(2)).await;
+    let mut req = long_stream();
+    req["stream"] = json!(false);
+    // The client gives up (and closes its connection) while the answer is being generated.
+    let gave_up = post(&server, &req).timeout(Duration::from_millis(300)).send().await;
+    assert!(gave_up.is_err_and(|e| e.is_timeout()));
+    eventually("two rounds ran", || stepper.blocked()).await;
+    let cancelled = r#"fitprune_requests_cancelled_total{reason="client_gone"}"#;
+    let metrics = server.state.metrics.clone();
+    let is_cancelled = move || metric(&metrics.render().unwrap(), cancelled) == Some(1.0);
+    let mut rounds = 0;
+    while !is_cancelled() {
+        assert!(rounds < 40, "not cancelled after {rounds} more rounds");
+        stepper.grant(1);
+        rounds += 1;
+        eventually("the round ran", || stepper.blocked() || is_cancelled()).await;
+    }
+    assert_eq!(metric(&server.metrics().await, "fitprune_requests_running"), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_robin_lets_a_short_request_finish_beside_a_long_one() {
     let (server, stepper) = Stepper::server(&["--max-running", "2"], Some(0)).await;
     let long = tokio::spawn(post(&server, &long_stream()).send());
