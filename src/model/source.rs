@@ -67,11 +67,14 @@ pub fn demo_model_dir() -> Result<PathBuf> {
     // Write into a sibling and rename, so a crash never leaves a half-written model behind.
     let parent = cache_dir();
     std::fs::create_dir_all(&parent).map_err(|source| ModelError::Io { path: parent.clone(), source })?;
-    let tmp = parent.join(format!(".demo-{}", std::process::id()));
+    // Unique per writer (process, thread and a counter), so concurrent first uses never share it.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let tmp = parent.join(format!(".demo-{}-{n}", std::process::id()));
     write_demo_model(&tmp, &DemoOptions::default())?;
     match std::fs::rename(&tmp, &dir) {
         Ok(()) => Ok(dir),
-        // Another process won the race: use its copy.
+        // Another writer won the race: use its copy.
         Err(_) if dir.join("model.safetensors").exists() => {
             let _ = std::fs::remove_dir_all(&tmp);
             Ok(dir)
