@@ -119,6 +119,18 @@ def main():
     expect(call("GET", "/admin/recipes"), 401, "admin without token")
     status, recipes = call("GET", "/admin/recipes", token=TOKEN)
     assert status == 200 and recipes["data"], recipes
+
+    # 6. Sharing recipes between replicas (deploy/README.md): export one, delete it, import the
+    # exported JSON as another replica would, and serve with it.
+    rid = recipes["data"][0]["id"]
+    exported = expect(call("GET", f"/admin/recipes/{rid}", token=TOKEN), 200, "export recipe")
+    expect(call("DELETE", f"/admin/recipes/{rid}", token=TOKEN), 200, "delete recipe")
+    imported = expect(call("POST", "/admin/recipes", exported, token=TOKEN), 201, "import exported recipe")
+    reply = expect(call("POST", "/v1/chat/completions", chat_body(model, {"recipe_id": imported["id"]})), 200,
+                   "chat with the imported recipe")
+    if (reply.get("pruning") or {}).get("recipe_id") != imported["id"]:
+        sys.exit(f"the imported recipe was not applied: {reply.get('pruning')}")
+    print(f"traffic: recipe exported, re-imported and applied ({time.time() - t0:.1f}s)", flush=True)
     print(f"traffic: done in {time.time() - t0:.1f}s", flush=True)
 
 
