@@ -145,8 +145,14 @@ devices = fp.get("deploy", {}).get("resources", {}).get("reservations", {}).get(
 check(any("gpu" in d.get("capabilities", []) and d.get("driver") == "nvidia" for d in devices),
       "compose fitprune: GPU reservation missing")
 env = fp.get("environment", {})
-for key in ("FITPRUNE_MODEL", "FITPRUNE_ADMIN_TOKEN"):
-    check(key in env and "${" in str(env[key]), f"compose fitprune: {key} must come from the environment")
+check(isinstance(env, dict), "compose fitprune: environment as a map")
+check("${FITPRUNE_MODEL" in str(env.get("FITPRUNE_MODEL")), "compose fitprune: FITPRUNE_MODEL must come from the environment")
+check("FITPRUNE_ADMIN_TOKEN" in env and env["FITPRUNE_ADMIN_TOKEN"] is None,
+      "compose fitprune: FITPRUNE_ADMIN_TOKEN must be passed through from the environment (no value)")
+for key, value in env.items():
+    # fitprune refuses empty values (clap parses them): an empty default would break the start.
+    check(value is None or not re.search(r"\$\{\w+:?-\}", str(value)) and str(value) != "",
+          f"compose fitprune: {key} has an empty default; pass it through without a value instead")
 prom = services.get("prometheus", {})
 prom_mounts = mounts("prometheus")
 check(prom_mounts.get("/etc/prometheus/prometheus.yml") == "./prometheus/prometheus.yml", "compose prometheus: config mount")
