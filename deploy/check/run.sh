@@ -107,7 +107,7 @@ while True:
 PY
 echo "server healthy and scraped"
 
-timeout 150 "$py" deploy/check/traffic.py "http://127.0.0.1:$port" "$token" tests/fixtures/parity/wide.png
+timeout 150 "$py" deploy/check/traffic.py "http://127.0.0.1:$port" "$token" tests/fixtures/parity/wide.png "http://127.0.0.1:$pport"
 timeout 90 "$py" deploy/check/prom_queries.py "http://127.0.0.1:$pport" deploy/grafana/dashboards/fitprune.json \
     "127.0.0.1:$port" 60
 echo "== deploy check ok in $(( $(date +%s) - start )) s"

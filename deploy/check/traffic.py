@@ -1,6 +1,6 @@
 """Drives traffic at a running `fitprune serve` so that every series the dashboard plots exists.
 
-Usage: traffic.py BASE_URL ADMIN_TOKEN IMAGE_PNG [SCRAPE_WAIT_S]
+Usage: traffic.py BASE_URL ADMIN_TOKEN IMAGE_PNG [PROMETHEUS_URL]
 
 Unpruned and pruned chats with a data-URL image, a calibration job polled to completion (its
 recipes make the pruned chats prune), a streamed chat dropped mid-stream (a client_gone
@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 
 BASE, TOKEN, IMAGE = sys.argv[1], sys.argv[2], sys.argv[3]
-SCRAPE_WAIT_S = float(sys.argv[4]) if len(sys.argv) > 4 else 2.5
+PROM = sys.argv[4] if len(sys.argv) > 4 else None
 with open(IMAGE, "rb") as f:
     DATA_URL = "data:image/png;base64," + base64.b64encode(f.read()).decode()
 
@@ -77,10 +77,10 @@ def main():
 
     # 3. Pruned chats (the job stored recipes for budgets 0.3 and 0.5). The first pruned prefill
     # creates the pruned="true" histogram series; Prometheus' first sample of a series is only a
-    # baseline for rate(), so the rest come after a scrape (SCRAPE_WAIT_S) to show up in rates.
+    # baseline for rate(), so the rest come after Prometheus has scraped it, to show up in rates.
     for i, budget in enumerate((0.5, 0.3, 0.5)):
         if i == 1:
-            time.sleep(SCRAPE_WAIT_S)
+            wait_for_scrape('fitprune_prefill_duration_seconds_count{pruned="true"}')
         r = call("POST", "/v1/chat/completions", chat_body(model, {"budget": budget}))
         reply = expect(r, 200, f"pruned chat (budget {budget})")
         p = reply.get("pruning") or {}
@@ -132,6 +132,24 @@ def main():
         sys.exit(f"the imported recipe was not applied: {reply.get('pruning')}")
     print(f"traffic: recipe exported, re-imported and applied ({time.time() - t0:.1f}s)", flush=True)
     print(f"traffic: done in {time.time() - t0:.1f}s", flush=True)
+
+
+def wait_for_scrape(series, timeout=30):
+    """Waits until Prometheus (if given) has a sample of `series` from this server."""
+    if PROM is None:
+        time.sleep(2.5)
+        return
+    instance = urllib.parse.urlsplit(BASE).netloc
+    sel = series.replace("{", f'{{instance="{instance}",', 1)
+    url = PROM + "/api/v1/query?" + urllib.parse.urlencode({"query": sel})
+    deadline = time.time() + timeout
+    while True:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            if json.loads(r.read())["data"]["result"]:
+                return
+        if time.time() > deadline:
+            sys.exit(f"Prometheus did not scrape {series} within {timeout} s")
+        time.sleep(0.2)
 
 
 def chat_body(model, pruning, max_tokens=6):
