@@ -148,7 +148,7 @@ impl Metrics {
             visual_in: counter("fitprune_visual_tokens_in_total", "Visual tokens entering pruned prefills")?,
             visual_kept: counter("fitprune_visual_tokens_kept_total", "Visual tokens kept by pruned prefills")?,
         };
-        Ok(Self {
+        let metrics = Self {
             requests,
             request_duration,
             queue_wait: histogram("fitprune_queue_wait_seconds", "Time waiting for a running slot", TTFT_BUCKETS)?,
@@ -182,7 +182,23 @@ impl Metrics {
             recipes_stored: gauge("fitprune_recipes_stored", "Recipes in the store")?,
             model_info,
             registry,
-        })
+        };
+        metrics.zero_known_labels();
+        Ok(metrics)
+    }
+
+    /// Creates every series with a known label value at zero, so a counter's first increment
+    /// after a start shows up in `rate()`/`increase()` (Prometheus needs a previous sample).
+    fn zero_known_labels(&self) {
+        for reason in [CancelReason::ClientGone, CancelReason::Timeout, CancelReason::Shutdown] {
+            self.cancelled.with_label_values(&[reason.label()]);
+        }
+        for status in ["succeeded", "failed", "cancelled"] {
+            self.calibration_jobs.with_label_values(&[status]);
+        }
+        for pruned in ["true", "false"] {
+            self.prefill_duration.with_label_values(&[pruned]);
+        }
     }
 
     /// Sets `fitprune_model_info{model,device,dtype} 1`.
