@@ -204,13 +204,16 @@ impl Sequence {
     }
 
     /// Text newly completed by `token`: decode a window of recent ids and release what extends
-    /// the previous decode, unless it ends in an incomplete UTF-8 sequence (U+FFFD).
+    /// the previous decode, unless it ends in a possibly incomplete UTF-8 sequence (U+FFFD).
     fn detokenize(&mut self, tokenizer: &Tokenizer, token: u32) -> Result<String, ModelError> {
         self.ids.push(token);
         let decode = |ids: &[u32]| tokenizer.decode(ids, true).map_err(|e| ModelError::Tokenizer(e.to_string()));
         let before = decode(&self.ids[self.prefix..self.read])?;
         let now = decode(&self.ids[self.prefix..])?;
-        if now.len() > before.len() && !now.ends_with('\u{FFFD}') && now.starts_with(&before) {
+        // A UTF-8 character spans at most 4 byte tokens: past that a trailing U+FFFD is a real
+        // invalid sequence, released as is rather than re-decoding an ever longer window.
+        let incomplete = now.ends_with('\u{FFFD}') && self.ids.len() - self.read < 4;
+        if now.len() > before.len() && !incomplete && now.starts_with(&before) {
             let piece = now[before.len()..].to_string();
             self.prefix = self.read;
             self.read = self.ids.len();
