@@ -56,7 +56,7 @@ pub async fn start(cfg: &ServerConfig) -> anyhow::Result<(AppState, JoinHandle<(
         started: chrono::Utc::now().timestamp(),
     };
     let pool = store::open(&cfg.database_url).await.with_context(|| format!("opening {}", cfg.database_url))?;
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let now = store::now();
     let interrupted = store::jobs::fail_interrupted(&pool, &now).await?;
     if interrupted > 0 {
         warn!(jobs = interrupted, "calibration jobs left unfinished by a previous process were marked failed");

@@ -131,7 +131,7 @@ pub async fn calibrate(
         return Err(bad("samples", format!("{} samples; at most {MAX_SAMPLES}", samples.len())));
     }
     let id = new_id("job");
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let now = crate::store::now();
     let job = NewJob {
         id: &id,
         model_fingerprint: &loaded.info.fingerprint,
@@ -219,7 +219,7 @@ pub async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -
     }
     admin.jobs.cancel(&id);
     if job.status == JobStatus::Queued {
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let now = crate::store::now();
         jobs::finish(admin.pool(), &id, JobStatus::Cancelled, None, &[], &now).await.map_err(internal)?;
     }
     let job = jobs::get(admin.pool(), &id).await.map_err(internal)?.ok_or_else(|| not_found("job", &id))?;
@@ -303,7 +303,7 @@ pub async fn import_recipe(
         visual_tokens: loaded.info.image_tokens,
         flops: loaded.info.flops,
     };
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let now = crate::store::now();
     let recipe = recipe
         .for_import(&shape, new_id("rcp"), now)
         .map_err(|e| ApiError::bad_request(Some("deletions"), "invalid_recipe", e.to_string()))?;

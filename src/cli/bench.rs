@@ -145,7 +145,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut base_prefill = None;
     for (budget, deletions) in rows {
         let visual_ratio = flops.pruned(n, &deletions) as f64 / flops.unpruned(n) as f64;
-        let prompt_ratio = prompt_flops(&flops, n, text_rows, &deletions) / prompt_flops(&flops, n, text_rows, &[]);
+        let prompt_ratio =
+            flops.pruned_with_text(n, text_rows, &deletions) as f64 / flops.pruned_with_text(n, text_rows, &[]) as f64;
         let mut prefill = Vec::new();
         let mut ttft = Vec::new();
         let mut decode = Vec::new();
@@ -192,19 +193,4 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// FLOPs of the whole prompt (text rows included) under the same per-layer formulas.
-fn prompt_flops(f: &FlopsModel, visual: u64, text: u64, deletions: &[usize]) -> f64 {
-    let mut rows = visual + text;
-    let mut left = visual;
-    let mut total = 0u128;
-    for l in 0..f.layers {
-        total += f.qkv(rows) + f.attn(rows);
-        let d = (deletions.get(l).copied().unwrap_or(0) as u64).min(left);
-        left -= d;
-        rows -= d;
-        total += f.rest(rows);
-    }
-    total as f64
 }

@@ -86,7 +86,7 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let result = calibrate(&model, &prompts, &opts, &mut Bar(bar.clone()))?;
     bar.finish_and_clear();
     let fp = fingerprint(&src.dir)?;
-    let created_at = now_rfc3339();
+    let created_at = crate::store::now();
     let mut recipes = Vec::new();
     for b in &result.budgets {
         let Some(alpha) = b.alpha else {
@@ -149,9 +149,4 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         None => println!("{json}"),
     }
     Ok(())
-}
-
-/// Current UTC time as RFC 3339 (seconds precision).
-pub fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }

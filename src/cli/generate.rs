@@ -15,7 +15,7 @@ use crate::model::llava::LoadOptions;
 use crate::model::prompt::{ChatMessage, ContentPart};
 use crate::model::{source, LlavaModel};
 use crate::pruning::flops::FlopsModel;
-use crate::pruning::recipe::{authors_scheme, authors_scheme_names, select_by_budget};
+use crate::pruning::recipe::{authors_scheme, authors_scheme_names, parse_recipes, select_by_budget};
 use crate::pruning::{PruneHook, Recipe};
 
 use super::input::{load_image, parse_device, parse_dtype};
@@ -193,10 +193,7 @@ fn choose_recipe(args: &GenerateArgs, layers: usize) -> anyhow::Result<Option<Re
         (None, None) => return Ok(None),
         (Some(path), budget) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            let value: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-            let recipes: Vec<Recipe> =
-                if value.is_array() { serde_json::from_value(value)? } else { vec![serde_json::from_value(value)?] };
+            let recipes = parse_recipes(&text).with_context(|| format!("parsing {}", path.display()))?;
             match budget {
                 Some(b) => select_by_budget(&recipes, b).cloned(),
                 None if recipes.len() == 1 => recipes.into_iter().next(),

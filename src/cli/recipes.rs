@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use crate::model::fingerprint::fingerprint;
 use crate::model::llava::LoadOptions;
 use crate::model::{source, LlavaModel};
-use crate::pruning::recipe::{authors_scheme, authors_scheme_names, ModelShape};
+use crate::pruning::recipe::{authors_scheme, authors_scheme_names, parse_recipes, ModelShape};
 use crate::pruning::Recipe;
 use crate::store::{self, recipes, DEFAULT_DATABASE_URL};
 
@@ -82,13 +82,7 @@ async fn run_async(args: RecipesArgs) -> anyhow::Result<()> {
             let incoming: Vec<Recipe> = match (file, authors) {
                 (Some(path), _) => {
                     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-                    let value: serde_json::Value =
-                        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-                    if value.is_array() {
-                        serde_json::from_value(value)?
-                    } else {
-                        vec![serde_json::from_value(value)?]
-                    }
+                    parse_recipes(&text).with_context(|| format!("parsing {}", path.display()))?
                 }
                 (None, Some(name)) => vec![authors_scheme(&name).with_context(|| {
                     format!("unknown scheme {name}; built in: {}", authors_scheme_names().join(", "))
@@ -99,7 +93,7 @@ async fn run_async(args: RecipesArgs) -> anyhow::Result<()> {
             let loaded = LlavaModel::load(&src.dir, LoadOptions::default())?;
             let shape = ModelShape::of(&loaded, fingerprint(&src.dir)?);
             for r in incoming {
-                let r = r.for_import(&shape, store::new_id("rcp"), super::calibrate::now_rfc3339())?;
+                let r = r.for_import(&shape, store::new_id("rcp"), store::now())?;
                 recipes::insert(&db, &r).await?;
                 println!(
                     "imported {} ({}, budget {:.2}, reduction {:.3})",

@@ -149,12 +149,9 @@ impl Runner {
         self.engine.waiting() > 0 || self.metrics.running.get() > 0
     }
 
-    fn now() -> String {
-        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-    }
-
     fn finish(&self, id: &str, status: JobStatus, error: Option<&str>, recipe_ids: &[String]) -> JobStatus {
-        if let Err(e) = self.rt.block_on(jobs::finish(&self.pool, id, status, error, recipe_ids, &Self::now())) {
+        if let Err(e) = self.rt.block_on(jobs::finish(&self.pool, id, status, error, recipe_ids, &crate::store::now()))
+        {
             warn!(job = id, error = %e, "recording the end of a calibration job failed");
         }
         status
@@ -170,7 +167,7 @@ impl Runner {
             Some(l) => l,
             None => return self.finish(id, JobStatus::Failed, Some("the model is not loaded"), &[]),
         };
-        match self.rt.block_on(jobs::start(&self.pool, id, &Self::now())) {
+        match self.rt.block_on(jobs::start(&self.pool, id, &crate::store::now())) {
             Ok(true) => {}
             Ok(false) => return JobStatus::Cancelled, // cancelled while queued; already final
             Err(e) => return self.finish(id, JobStatus::Failed, Some(&e.to_string()), &[]),
@@ -228,7 +225,7 @@ impl Runner {
                 "budgets {unreachable:?} cannot be reached even at alpha = 1"
             )));
         }
-        let created_at = Self::now();
+        let created_at = crate::store::now();
         let prefix = req.name.clone().unwrap_or_else(|| "fitprune".into());
         let fitted: Vec<Recipe> = result
             .budgets

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
-use crate::pruning::recipe::select_by_budget;
+use crate::pruning::recipe::{parse_recipes, select_by_budget};
 use crate::pruning::Recipe;
 
 use super::loaded::ModelInfo;
@@ -66,14 +66,10 @@ pub async fn select(
     };
     let recipes = source.for_model(model).await?;
     Ok(match budget_or_id {
-        PruningChoice::Budget(b) => {
-            let plain: Vec<Recipe> = recipes.iter().map(|r| Recipe::clone(r)).collect();
-            let chosen = select_by_budget(&plain, *b).and_then(|r| plain.iter().position(|x| std::ptr::eq(x, r)));
-            match chosen {
-                Some(i) => Selected::Recipe(recipes[i].clone()),
-                None => Selected::Unpruned("no recipe applies"),
-            }
-        }
+        PruningChoice::Budget(b) => match select_by_budget(&recipes, *b) {
+            Some(r) => Selected::Recipe(r.clone()),
+            None => Selected::Unpruned("no recipe applies"),
+        },
         PruningChoice::RecipeId(id) => match recipes.iter().find(|r| &r.id == id) {
             Some(r) => Selected::Recipe(r.clone()),
             None => Selected::UnknownId(id.clone()),
@@ -103,17 +99,7 @@ impl FileRecipes {
 
     /// Parses one recipe or a list of them.
     pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
-        #[derive(serde::Deserialize)]
-        #[serde(untagged)]
-        enum OneOrMany {
-            Many(Vec<Recipe>),
-            One(Box<Recipe>),
-        }
-        let recipes = match serde_json::from_str::<OneOrMany>(text)? {
-            OneOrMany::Many(v) => v,
-            OneOrMany::One(r) => vec![*r],
-        };
-        Ok(Self { recipes })
+        Ok(Self { recipes: parse_recipes(text)? })
     }
 
     /// Recipes as filled in for `model`, with the reason each excluded one does not apply.

@@ -64,12 +64,18 @@ impl FlopsModel {
 
     /// Cost of n visual tokens under per-layer deletions (missing layers delete nothing).
     pub fn pruned(&self, n: u64, deletions: &[usize]) -> u128 {
+        self.pruned_with_text(n, 0, deletions)
+    }
+
+    /// Cost of a whole prompt (n visual + `text` other rows, same formulas) under per-layer
+    /// deletions of visual tokens; `text = 0` is the FitPrune model.
+    pub fn pruned_with_text(&self, n: u64, text: u64, deletions: &[usize]) -> u128 {
         let mut left = n;
         let mut total = 0;
         for l in 0..self.layers {
-            total += self.qkv(left) + self.attn(left);
+            total += self.qkv(left + text) + self.attn(left + text);
             left -= (deletions.get(l).copied().unwrap_or(0) as u64).min(left);
-            total += self.rest(left);
+            total += self.rest(left + text);
         }
         total
     }
@@ -133,6 +139,8 @@ mod tests {
         let pruned = 96 + 72 + (16 + 72) + f.layer(1);
         assert_eq!(f.pruned(3, &[2, 0]), pruned);
         assert_eq!(f.kept(3, &[2, 5]), 0);
+        // One text row rides along: layer 0 sees 4 rows, keeps 2; layer 1 sees 2.
+        assert_eq!(f.pruned_with_text(3, 1, &[2, 0]), f.qkv(4) + f.attn(4) + f.rest(2) + f.layer(2));
         assert!((f.reduction(3, &[2, 0]) - (1.0 - pruned as f64 / 864.0)).abs() < 1e-12);
         assert_eq!(f.reduction(3, &[]), 0.0);
     }

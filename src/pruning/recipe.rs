@@ -136,8 +136,26 @@ impl Recipe {
 }
 
 /// The recipe with the largest budget at or below `budget` (ties: the later one), if any.
-pub fn select_by_budget(recipes: &[Recipe], budget: f64) -> Option<&Recipe> {
-    recipes.iter().filter(|r| r.budget <= budget + 1e-9).max_by(|a, b| a.budget.total_cmp(&b.budget))
+/// Works on plain recipes and on shared ones (`Arc<Recipe>`).
+pub fn select_by_budget<R: std::borrow::Borrow<Recipe>>(recipes: &[R], budget: f64) -> Option<&R> {
+    recipes
+        .iter()
+        .filter(|r| r.borrow().budget <= budget + 1e-9)
+        .max_by(|a, b| a.borrow().budget.total_cmp(&b.borrow().budget))
+}
+
+/// Parses a recipes file or body: one recipe object or a list of them.
+pub fn parse_recipes(text: &str) -> Result<Vec<Recipe>, serde_json::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        Many(Vec<Recipe>),
+        One(Box<Recipe>),
+    }
+    Ok(match serde_json::from_str::<OneOrMany>(text)? {
+        OneOrMany::Many(v) => v,
+        OneOrMany::One(r) => vec![*r],
+    })
 }
 
 /// The authors' published LLaVA-1.5-7B schemes (FitPrune `modeling_llama.py`), by percent.
