@@ -49,6 +49,10 @@ pub struct ServeArgs {
     /// Sequences decoded concurrently (round-robin, one token each per round).
     #[arg(long, env = "FITPRUNE_MAX_RUNNING", default_value_t = 8)]
     pub max_running: usize,
+    /// Waiting requests prefilled in one batched pass while (count × longest prompt, images
+    /// included) stays within this many tokens; 1 prefills one request at a time.
+    #[arg(long, env = "FITPRUNE_MAX_BATCH_PREFILL_TOKENS", default_value_t = 4096)]
+    pub max_batch_prefill_tokens: usize,
     /// Seconds a request may take, queue wait included.
     #[arg(long, env = "FITPRUNE_REQUEST_TIMEOUT", default_value_t = 600.0)]
     pub request_timeout: f64,
@@ -209,6 +213,7 @@ impl ServeArgs {
                 max_waiting: self.max_waiting,
                 max_running: positive("max-running", self.max_running)?,
                 request_timeout: seconds("request-timeout", self.request_timeout)?,
+                max_batch_prefill_tokens: positive("max-batch-prefill-tokens", self.max_batch_prefill_tokens)?,
                 round_hook: None,
             },
             images,

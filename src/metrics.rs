@@ -24,6 +24,8 @@ const TPOT_BUCKETS: &[f64] =
     &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
 /// FLOPs reduction ratio buckets.
 const RATIO_BUCKETS: &[f64] = &[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+/// Prefill batch size buckets (requests per batched prefill).
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0];
 
 /// Errors while registering or encoding metrics.
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +46,10 @@ pub struct Metrics {
     pub time_to_first_token: Histogram,
     /// Mean time between output tokens of a finished request.
     pub time_per_output_token: Histogram,
-    /// Prefill duration, `pruned` = true|false.
+    /// Prefill duration, `pruned` = true|false (a batched prefill counts for each request in it).
     pub prefill_duration: HistogramVec,
+    /// Requests prefilled together in one batched pass.
+    pub prefill_batch_size: Histogram,
     /// Token and request counters (see [`TokenCounters`]).
     pub tokens: TokenCounters,
     /// Requests waiting in the queue.
@@ -163,6 +167,11 @@ impl Metrics {
                 TPOT_BUCKETS,
             )?,
             prefill_duration,
+            prefill_batch_size: histogram(
+                "fitprune_prefill_batch_size",
+                "Requests prefilled together in one pass",
+                BATCH_BUCKETS,
+            )?,
             tokens,
             waiting: gauge("fitprune_requests_waiting", "Requests waiting for a running slot")?,
             running: gauge("fitprune_requests_running", "Sequences being decoded")?,

@@ -202,8 +202,8 @@ async fn round_robin_lets_a_short_request_finish_beside_a_long_one() {
     let long = tokio::spawn(post(&server, &long_stream()).send());
     let short_req = tokio::spawn(post(&server, &short()).send());
     eventually("both requests waiting", || server.state.engine.waiting() == 2).await;
-    // Round 1 admits one request, round 2 the other; each round steps every running sequence,
-    // so the 2-token request is done after round 3 or 4 while the long one keeps running.
+    // Round 1 admits both (one batched prefill); each round steps every running sequence, so the
+    // 2-token request is done within five rounds while the long one keeps running.
     stepper.grant(5);
     let resp = short_req.await.unwrap().unwrap();
     assert_eq!(resp.status(), 200);
@@ -216,6 +216,78 @@ async fn round_robin_lets_a_short_request_finish_beside_a_long_one() {
     stepper.run_freely();
     let events = sse_data(&long.text().await.unwrap());
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+}
+
+/// Requests that differ in length, images and pruning: a batched prefill must pad and prune
+/// each one by itself.
+fn mixed_requests() -> Vec<Value> {
+    let greedy = |messages: Value, pruning: Value| {
+        json!({"messages": messages, "max_tokens": 6, "temperature": 0, "logprobs": true, "top_logprobs": 3,
+            "pruning": pruning})
+    };
+    vec![
+        greedy(user_with_images("What is this?", &[&data_url(&png(32, 32))]), json!({"recipe_id": "r60"})),
+        greedy(json!([{"role": "user", "content": "hi there"}]), json!("off")),
+        greedy(user_with_images("Compare.", &[&data_url(&png(40, 24)), &data_url(&png(24, 40))]), json!("off")),
+        greedy(user_with_images("And this?", &[&data_url(&png(50, 30))]), json!({"recipe_id": "r30"})),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_requests_are_prefilled_in_one_batch_with_the_answers_they_get_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("recipes.json");
+    std::fs::write(
+        &file,
+        r#"[{"id": "r30", "budget": 0.3, "deletions": [0, 20, 10, 0]},
+            {"id": "r60", "budget": 0.6, "deletions": [40, 30, 10, 0]}]"#,
+    )
+    .unwrap();
+    let recipes = file.to_str().unwrap();
+    let mut answers = Vec::new();
+    for batch_tokens in ["4096", "1"] {
+        let extra = ["--recipes", recipes, "--max-running", "4", "--max-batch-prefill-tokens", batch_tokens];
+        let (server, stepper) = Stepper::server(&extra, Some(0)).await;
+        let pending: Vec<_> = mixed_requests().iter().map(|r| tokio::spawn(post(&server, r).send())).collect();
+        eventually("all requests waiting", || server.state.engine.waiting() == 4).await;
+        stepper.grant(1);
+        eventually("the first round ran", || stepper.blocked()).await;
+        let text = server.metrics().await;
+        let (batches, prefilled) = if batch_tokens == "1" { (1.0, 1.0) } else { (1.0, 4.0) };
+        assert_eq!(metric(&text, "fitprune_prefill_batch_size_count"), Some(batches), "{batch_tokens}");
+        assert_eq!(metric(&text, "fitprune_prefill_batch_size_sum"), Some(prefilled), "{batch_tokens}");
+        stepper.run_freely();
+        let mut bodies = Vec::new();
+        for p in pending {
+            let resp = p.await.unwrap().unwrap();
+            assert_eq!(resp.status(), 200);
+            let body: Value = resp.json().await.unwrap();
+            bodies.push((body["choices"][0].clone(), body["pruning"].clone(), body["usage"].clone()));
+        }
+        assert_eq!(bodies[0].1["visual_tokens_kept"], 64);
+        assert_eq!(bodies[3].1["visual_tokens_kept"], 114);
+        assert_eq!(bodies[2].1["visual_tokens"], 288);
+        answers.push(bodies);
+    }
+    // Greedy text, finish reasons and token logprobs as printed in JSON (to 1e-7 or so) agree.
+    for (i, (batched, alone)) in answers[0].iter().zip(&answers[1]).enumerate() {
+        assert_eq!(batched.0["message"], alone.0["message"], "request {i}");
+        assert_eq!(batched.0["finish_reason"], alone.0["finish_reason"], "request {i}");
+        assert_eq!(batched.1, alone.1, "request {i}: pruning report");
+        assert_eq!(batched.2, alone.2, "request {i}: usage");
+        let lp = |c: &Value| -> Vec<(String, f64)> {
+            c["logprobs"]["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| (t["token"].as_str().unwrap().to_string(), t["logprob"].as_f64().unwrap()))
+                .collect()
+        };
+        for ((ta, la), (tb, lb)) in lp(&batched.0).into_iter().zip(lp(&alone.0)) {
+            assert_eq!(ta, tb, "request {i}");
+            assert!((la - lb).abs() <= 1e-4, "request {i}: {la} vs {lb}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,8 +5,10 @@
 
 mod common;
 
-use fitprune::engine::generate::{generate, FinishReason, GenerationParams};
+use fitprune::engine::generate::{generate, FinishReason, GenerationParams, Sequence};
 use fitprune::engine::sampling::{log_softmax, SamplingParams};
+use fitprune::engine::sequence::SequenceStart;
+use fitprune::model::llama::{DecoderHook, NoHook};
 use fitprune::model::prompt::{ChatMessage, ContentPart};
 use fitprune::model::LlavaModel;
 use fitprune::pruning::calibrate::{calibrate, CalibrateOptions, Silent};
@@ -110,6 +112,86 @@ fn fixed_recipes_prune_like_the_authors() {
         drop(dir);
     }
     eprintln!("worst pruned first-step logprob difference: {worst:.2e}");
+}
+
+/// The same cases prefilled as batches (one per demo checkpoint, each with an unpruned text-only
+/// prompt riding along): every sequence must still match the authors' reference alone.
+#[test]
+fn fixed_recipes_prune_like_the_authors_in_a_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = expected().recipes;
+    let mut models: Vec<(String, &DemoSpec, &String)> = Vec::new();
+    for c in &cases {
+        let key = format!("{:?}", c.model);
+        if !models.iter().any(|(k, _, _)| *k == key) {
+            models.push((key, &c.model, &c.weights_sha256));
+        }
+    }
+    let mut batched = 0;
+    for (key, spec, sha) in models {
+        let (_dir, model) = demo_model(tmp.path(), spec, sha);
+        let group: Vec<&RecipeCase> = cases.iter().filter(|c| format!("{:?}", c.model) == key).collect();
+        let prompts: Vec<_> = group
+            .iter()
+            .map(|c| {
+                let images: Vec<_> = c.images.iter().map(|n| fixture_image(n)).collect();
+                model.prepare(&user(images.len(), &c.text), &images).unwrap()
+            })
+            .collect();
+        let text_only = model.prepare(&user(0, "Say something."), &[]).unwrap();
+        let mut hooks: Vec<PruneHook> =
+            group.iter().zip(&prompts).map(|(c, p)| PruneHook::new(c.deletions.clone(), p)).collect();
+        // Every token's logprob is reported, so the first step can be compared with the fixture.
+        let all = SamplingParams { top_logprobs: model.config().text_config.vocab_size, ..Default::default() };
+        let params: Vec<GenerationParams> = group
+            .iter()
+            .map(|c| GenerationParams { sampling: all.clone(), max_tokens: c.greedy.len(), stop: Vec::new() })
+            .chain([GenerationParams { sampling: SamplingParams::default(), max_tokens: 8, stop: Vec::new() }])
+            .collect();
+        let mut none = NoHook;
+        let mut starts: Vec<SequenceStart> = prompts
+            .iter()
+            .zip(hooks.iter_mut())
+            .zip(&params)
+            .map(|((prompt, hook), params)| SequenceStart { prompt, params, hook: hook as &mut dyn DecoderHook })
+            .chain([SequenceStart { prompt: &text_only, params: &params[group.len()], hook: &mut none }])
+            .collect();
+        let seqs = Sequence::prefill_batch(&model, &mut starts).unwrap();
+        drop(starts);
+        batched += seqs.len();
+        let mut seqs = seqs.into_iter();
+        for ((case, hook), mut seq) in group.iter().zip(&hooks).zip(seqs.by_ref()) {
+            let got: Vec<(usize, &Vec<u32>)> = hook.trace().iter().map(|t| (t.layer, &t.kept_visual)).collect();
+            let want: Vec<(usize, &Vec<u32>)> = case.trace.iter().map(|t| (t.layer, &t.kept_visual)).collect();
+            assert_eq!(got, want, "{} (batched): kept visual tokens per pruning layer", case.name);
+            let mut ids = Vec::new();
+            let mut first = true;
+            while let Some(token) = seq.step(&model).unwrap() {
+                if first {
+                    let top: std::collections::HashMap<u32, f32> = token.top.iter().copied().collect();
+                    for (id, want) in case.top_ids.iter().zip(&case.top_logprobs) {
+                        let got = top[id];
+                        assert!((got - want).abs() <= 1e-4, "{} (batched): token {id}: {got} vs {want}", case.name);
+                    }
+                    first = false;
+                }
+                ids.push(token.id);
+            }
+            if seq.finish_reason() == Some(FinishReason::Stop) {
+                ids.extend(model.eos_ids().first());
+            }
+            assert_eq!(ids, case.greedy, "{} (batched): greedy tokens after pruning", case.name);
+        }
+        // The unpruned passenger equals its own single-sequence generation.
+        let mut passenger = seqs.next().unwrap();
+        let mut ids = Vec::new();
+        while let Some(token) = passenger.step(&model).unwrap() {
+            ids.push(token.id);
+        }
+        let alone = generate(&model, &text_only, &params[group.len()], &mut NoHook, &mut |_| true).unwrap();
+        assert_eq!(ids, alone.tokens.iter().map(|t| t.id).collect::<Vec<_>>(), "{key}: unpruned passenger");
+    }
+    assert_eq!(batched, cases.len() + 3, "every case ran in a batch");
 }
 
 #[test]

@@ -25,13 +25,22 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Deadline per request, queue wait included.
     pub request_timeout: Duration,
+    /// Waiting requests are prefilled together while (count × longest prompt) stays within this
+    /// many tokens; one request is always admitted, so 1 disables batching.
+    pub max_batch_prefill_tokens: usize,
     /// Called before every scheduling round (not set by the CLI).
     pub round_hook: Option<RoundHook>,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_waiting: 64, max_running: 8, request_timeout: Duration::from_secs(600), round_hook: None }
+        Self {
+            max_waiting: 64,
+            max_running: 8,
+            request_timeout: Duration::from_secs(600),
+            max_batch_prefill_tokens: 4096,
+            round_hook: None,
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokenizers::Tokenizer;
 
 use crate::model::llama::{DecoderHook, KvCache};
+use crate::model::llava::{Prefill, PrefillItem};
 use crate::model::{LlavaModel, ModelError, PreparedPrompt};
 
 use super::sampling::{Sampler, SamplingParams};
@@ -77,6 +78,16 @@ pub struct Generation {
     pub timings: Timings,
 }
 
+/// One prompt entering a batched prefill.
+pub struct SequenceStart<'a> {
+    /// The prompt.
+    pub prompt: &'a PreparedPrompt,
+    /// Its sampling and limits.
+    pub params: &'a GenerationParams,
+    /// Observes its attention; may prune it.
+    pub hook: &'a mut dyn DecoderHook,
+}
+
 /// A sequence between prefill and finish.
 pub struct Sequence {
     sampler: Sampler,
@@ -107,6 +118,40 @@ impl Sequence {
         params: &GenerationParams,
         hook: &mut dyn DecoderHook,
     ) -> Result<Self, ModelError> {
+        Self::check_fits(model, prompt)?;
+        let start = Instant::now();
+        let mut cache = model.new_cache();
+        let prefill = model.prefill(prompt, &mut cache, hook)?;
+        Self::from_prefill(model, prompt, params, cache, &prefill, start.elapsed())
+    }
+
+    /// Prefills several prompts in one batched pass ([`LlavaModel::prefill_batch`]), each with its
+    /// own hook and parameters. Each sequence then continues exactly as if prefilled alone; every
+    /// one is charged the batch's prefill time.
+    pub fn prefill_batch(model: &LlavaModel, starts: &mut [SequenceStart<'_>]) -> Result<Vec<Self>, ModelError> {
+        for s in starts.iter() {
+            Self::check_fits(model, s.prompt)?;
+        }
+        let start = Instant::now();
+        let mut caches: Vec<KvCache> = starts.iter().map(|_| model.new_cache()).collect();
+        let mut items: Vec<PrefillItem<'_>> = starts
+            .iter_mut()
+            .zip(caches.iter_mut())
+            .map(|(s, cache)| PrefillItem { prompt: s.prompt, cache, hook: &mut *s.hook })
+            .collect();
+        let prefills = model.prefill_batch(&mut items)?;
+        drop(items);
+        let elapsed = start.elapsed();
+        starts
+            .iter()
+            .zip(caches)
+            .zip(&prefills)
+            .map(|((s, cache), prefill)| Self::from_prefill(model, s.prompt, s.params, cache, prefill, elapsed))
+            .collect()
+    }
+
+    /// Refuses a prompt that leaves no room in the context for a generated token.
+    pub fn check_fits(model: &LlavaModel, prompt: &PreparedPrompt) -> Result<(), ModelError> {
         let prompt_tokens = prompt.input_ids.len();
         let max_pos = model.config().text_config.max_position_embeddings;
         if prompt_tokens >= max_pos {
@@ -114,9 +159,19 @@ impl Sequence {
                 "the prompt is {prompt_tokens} tokens (images included); the model's context is {max_pos}"
             )));
         }
-        let start = Instant::now();
-        let mut cache = model.new_cache();
-        let prefill = model.prefill(prompt, &mut cache, hook)?;
+        Ok(())
+    }
+
+    fn from_prefill(
+        model: &LlavaModel,
+        prompt: &PreparedPrompt,
+        params: &GenerationParams,
+        cache: KvCache,
+        prefill: &Prefill,
+        elapsed: Duration,
+    ) -> Result<Self, ModelError> {
+        let prompt_tokens = prompt.input_ids.len();
+        let max_pos = model.config().text_config.max_position_embeddings;
         let logits = prefill.logits.to_vec1::<f32>()?;
         Ok(Self {
             sampler: Sampler::new(params.sampling.clone()),
@@ -134,7 +189,7 @@ impl Sequence {
             budget: params.max_tokens.min(max_pos - prompt_tokens),
             finished: (params.max_tokens == 0).then_some(FinishReason::Length),
             prefill_rows_kept: prefill.output.positions.len(),
-            timings: Timings { prefill: start.elapsed(), decode: Duration::ZERO },
+            timings: Timings { prefill: elapsed, decode: Duration::ZERO },
         })
     }
 

@@ -1,9 +1,10 @@
 //! The engine thread: loads the model, then loops over rounds. Each round takes new commands,
-//! starts at most one waiting request (its prefill) when a running slot is free, and gives every
-//! running sequence exactly one decode step, so a long generation cannot starve the others.
+//! prefills waiting requests into free running slots (several in one batched pass, within a
+//! token budget), and gives every running sequence exactly one decode step, so a long generation
+//! cannot starve the others.
 //!
-//! This is round-robin over single-sequence steps, not batched decode: each step is its own
-//! forward pass. Background work (calibration) gets a slice only when no chat work exists.
+//! Decode is round-robin over single-sequence steps, not batched: each step is its own forward
+//! pass. Background work (calibration) gets a slice only when no chat work exists.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -19,7 +20,7 @@ use crate::pruning::PruneHook;
 use super::queue::{
     BackgroundWork, Command, EngineError, EngineState, Event, FinishReport, Loader, PrefillReport, Queued, Shared,
 };
-use super::sequence::{FinishReason, Sequence};
+use super::sequence::{FinishReason, Sequence, SequenceStart};
 
 pub use super::loaded::LoadedModel;
 
@@ -95,6 +96,11 @@ impl Worker {
                     Err(_) => return,
                 }
             }
+            // Before taking what arrived, so a test that holds the engine here sees every request
+            // it sent in the next round.
+            if let Some(hook) = &self.shared.config.round_hook {
+                (hook.0)();
+            }
             loop {
                 match self.rx.try_recv() {
                     Ok(cmd) => {
@@ -127,16 +133,10 @@ impl Worker {
     }
 
     fn round(&mut self) {
-        if let Some(hook) = &self.shared.config.round_hook {
-            (hook.0)();
-        }
-        if self.running.len() < self.shared.config.max_running {
-            if let Some(q) = self.waiting.pop_front() {
-                self.shared.left_queue();
-                if let Some(r) = self.start(*q) {
-                    self.running.push(r);
-                }
-            }
+        let free = self.shared.config.max_running.saturating_sub(self.running.len());
+        if free > 0 && !self.waiting.is_empty() {
+            let batch = self.next_prefill_batch(free);
+            self.start(batch);
         }
         let mut i = 0;
         while i < self.running.len() {
@@ -159,15 +159,37 @@ impl Worker {
         }
     }
 
-    /// Prefills a waiting request; `None` if it ended there.
-    fn start(&mut self, q: Queued) -> Option<Running> {
-        let span = info_span!("request", request_id = %q.job.request_id);
-        let _entered = span.enter();
+    /// Waiting requests to prefill together, in arrival order: at most `free`, and while the
+    /// padded batch (count × longest prompt) stays within the prefill token budget. Requests whose
+    /// client left or whose deadline passed are ended here instead.
+    fn next_prefill_batch(&mut self, free: usize) -> Vec<Queued> {
+        let limit = self.shared.config.max_batch_prefill_tokens;
+        let mut batch: Vec<Queued> = Vec::new();
+        let mut longest = 0;
+        while batch.len() < free {
+            let Some(front) = self.waiting.front() else { break };
+            let len = front.job.prompt.input_ids.len();
+            if !batch.is_empty() && (batch.len() + 1) * longest.max(len) > limit {
+                break;
+            }
+            let Some(q) = self.waiting.pop_front() else { break };
+            self.shared.left_queue();
+            if let Some(q) = self.admit(*q) {
+                longest = longest.max(len);
+                batch.push(q);
+            }
+        }
+        batch
+    }
+
+    /// Ends a request that can no longer start (client gone, deadline passed); else records its
+    /// queue wait and hands it back.
+    fn admit(&self, q: Queued) -> Option<Queued> {
         let metrics = &self.shared.metrics;
         let now = Instant::now();
         if q.events.is_closed() {
             metrics.cancel(CancelReason::ClientGone);
-            debug!("client went away while waiting");
+            info_span!("request", request_id = %q.job.request_id).in_scope(|| debug!("client went away while waiting"));
             return None;
         }
         if now >= q.deadline {
@@ -176,26 +198,83 @@ impl Worker {
             return None;
         }
         metrics.queue_wait.observe((now - q.admitted).as_secs_f64());
-        let model = &self.loaded.model;
-        let prompt = &q.job.prompt;
-        let visual = prompt.visual_tokens();
-        let mut prune = match &q.job.recipe {
-            Some(r) if visual > 0 => Some(PruneHook::new(r.deletions_for(visual), prompt)),
+        Some(q)
+    }
+
+    /// The pruning hook a request's recipe asks for (none without a recipe or visual tokens).
+    fn prune_hook(q: &Queued) -> Option<PruneHook> {
+        let visual = q.job.prompt.visual_tokens();
+        match &q.job.recipe {
+            Some(r) if visual > 0 => Some(PruneHook::new(r.deletions_for(visual), &q.job.prompt)),
             _ => None,
-        };
+        }
+    }
+
+    /// Prefills `batch` (one batched pass when it holds several) and starts decoding it. If a
+    /// batched pass fails, each request is retried alone so only the faulty one fails.
+    fn start(&mut self, batch: Vec<Queued>) {
+        if batch.len() <= 1 {
+            batch.into_iter().for_each(|q| self.start_one(q));
+            return;
+        }
+        let started = Instant::now();
+        let mut prunes: Vec<Option<PruneHook>> = batch.iter().map(Self::prune_hook).collect();
+        let mut unpruned: Vec<NoHook> = batch.iter().map(|_| NoHook).collect();
+        let mut starts: Vec<SequenceStart<'_>> = batch
+            .iter()
+            .zip(prunes.iter_mut().zip(unpruned.iter_mut()))
+            .map(|(q, (prune, none))| SequenceStart {
+                prompt: &q.job.prompt,
+                params: &q.job.params,
+                hook: match prune {
+                    Some(h) => h,
+                    None => none,
+                },
+            })
+            .collect();
+        let result = Sequence::prefill_batch(&self.loaded.model, &mut starts);
+        drop(starts);
+        match result {
+            Ok(seqs) => {
+                let prefill_s = started.elapsed().as_secs_f64();
+                self.shared.metrics.prefill_batch_size.observe(batch.len() as f64);
+                for ((q, prune), seq) in batch.into_iter().zip(prunes).zip(seqs) {
+                    self.started(q, prune, seq, prefill_s);
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, requests = batch.len(), "batched prefill failed; prefilling one at a time");
+                batch.into_iter().for_each(|q| self.start_one(q));
+            }
+        }
+    }
+
+    /// Prefills one request alone.
+    fn start_one(&mut self, q: Queued) {
+        let started = Instant::now();
+        let mut prune = Self::prune_hook(&q);
         let hook: &mut dyn DecoderHook = match prune.as_mut() {
             Some(h) => h,
             None => &mut NoHook,
         };
-        let seq = match Sequence::prefill(model, prompt, &q.job.params, hook) {
-            Ok(seq) => seq,
-            Err(e) => {
-                warn!(error = %e, "prefill failed");
-                let _ = q.events.send(Event::Failed(EngineError::Model(e)));
-                return None;
+        match Sequence::prefill(&self.loaded.model, &q.job.prompt, &q.job.params, hook) {
+            Ok(seq) => {
+                self.shared.metrics.prefill_batch_size.observe(1.0);
+                self.started(q, prune, seq, started.elapsed().as_secs_f64());
             }
-        };
-        let prefill_s = now.elapsed().as_secs_f64();
+            Err(e) => {
+                info_span!("request", request_id = %q.job.request_id).in_scope(|| warn!(error = %e, "prefill failed"));
+                let _ = q.events.send(Event::Failed(EngineError::Model(e)));
+            }
+        }
+    }
+
+    /// Reports a finished prefill to its client and metrics, and adds it to the running set.
+    fn started(&mut self, q: Queued, prune: Option<PruneHook>, seq: Sequence, prefill_s: f64) {
+        let span = info_span!("request", request_id = %q.job.request_id);
+        let _entered = span.enter();
+        let metrics = &self.shared.metrics;
+        let visual = q.job.prompt.visual_tokens();
         let pruned = prune.is_some();
         metrics.prefill_duration.with_label_values(&[if pruned { "true" } else { "false" }]).observe(prefill_s);
         metrics.tokens.prompt.inc_by(seq.prompt_tokens() as u64);
@@ -223,11 +302,21 @@ impl Worker {
         debug!(prompt_tokens = report.prompt_tokens, visual_kept = report.visual_kept, prefill_s, "prefilled");
         if q.events.send(Event::Prefilled(report)).is_err() {
             metrics.cancel(CancelReason::ClientGone);
-            return None;
+            return;
         }
         drop(_entered);
         let Queued { events, admitted, deadline, .. } = q;
-        Some(Running { seq, events, admitted, deadline, first_token: None, last_token: now, tokens: 0, span })
+        let now = Instant::now();
+        self.running.push(Running {
+            seq,
+            events,
+            admitted,
+            deadline,
+            first_token: None,
+            last_token: now,
+            tokens: 0,
+            span,
+        });
     }
 
     /// One decode step for running sequence `i`; `false` once it has ended.

@@ -65,7 +65,7 @@ impl LayerCache {
     }
 
     /// Appends (batch, kv_heads, new, head_dim) keys/values and returns the whole cache.
-    fn append(&mut self, k: Tensor, v: Tensor, positions: &[u32]) -> Result<(Tensor, Tensor)> {
+    pub(super) fn append(&mut self, k: Tensor, v: Tensor, positions: &[u32]) -> Result<(Tensor, Tensor)> {
         let kv = match self.kv.take() {
             None => (k, v),
             Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
@@ -79,7 +79,7 @@ impl LayerCache {
 /// One [`LayerCache`] per decoder layer.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    layers: Vec<LayerCache>,
+    pub(super) layers: Vec<LayerCache>,
 }
 
 impl KvCache {
@@ -101,7 +101,7 @@ impl KvCache {
 
 /// RoPE inverse frequencies, computed like transformers' default rotary embedding (in f32).
 #[derive(Debug, Clone)]
-struct Rotary {
+pub(super) struct Rotary {
     inv_freq: Vec<f32>,
 }
 
@@ -114,7 +114,7 @@ impl Rotary {
     }
 
     /// cos and sin tables (rows, head_dim / 2) at the given positions.
-    fn tables(&self, positions: &[u32], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub(super) fn tables(&self, positions: &[u32], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -149,7 +149,7 @@ fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<L
 }
 
 #[derive(Debug, Clone)]
-struct Attention {
+pub(super) struct Attention {
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
@@ -174,15 +174,9 @@ impl Attention {
         })
     }
 
-    /// Attention output before `o_proj`, (batch, rows, heads * head_dim), and optionally the
-    /// probabilities (batch, heads, rows, keys) in f32.
-    fn attend(
-        &self,
-        x: &Tensor,
-        step: &Step,
-        cache: &mut LayerCache,
-        want_probs: bool,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    /// Queries (batch, heads, rows, head_dim) and keys/values (batch, kv_heads, rows, head_dim),
+    /// RoPE applied at the rows' positions (`cos`/`sin`: (rows, half) or (batch, rows, half)).
+    pub(super) fn project(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, s, _) = x.dims3()?;
         let split = |t: Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((b, s, n, self.head_dim))?.transpose(1, 2)?.contiguous()?)
@@ -190,15 +184,49 @@ impl Attention {
         let q = split(self.q_proj.forward(x)?, self.heads)?;
         let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
         let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
-        let q = candle_nn::rotary_emb::rope(&q, &step.cos, &step.sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, &step.cos, &step.sin)?;
-        let (k, v) = cache.append(k, v, &step.positions)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        Ok((q, k, v))
+    }
+
+    /// Attention of `q` over keys/values `k`, `v` under an additive `mask` (broadcast to
+    /// (batch, heads, rows, keys)): the output before `o_proj`, (batch, rows, heads * head_dim),
+    /// and optionally the probabilities (batch, heads, rows, keys) in f32.
+    pub(super) fn attend_keys(
+        &self,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Option<&Tensor>,
+        want_probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, _, s, _) = q.dims4()?;
         let n_rep = self.heads / self.kv_heads;
         let k = candle_transformers::utils::repeat_kv(k, n_rep)?;
         let v = candle_transformers::utils::repeat_kv(v, n_rep)?;
-
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.to_dtype(v.dtype())?.matmul(&v)?;
+        let out = out.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?;
+        Ok((out, want_probs.then_some(probs)))
+    }
+
+    /// One sequence's attention for a step: appends the step's keys/values to `cache` and
+    /// attends over everything cached.
+    fn attend(
+        &self,
+        x: &Tensor,
+        step: &Step,
+        cache: &mut LayerCache,
+        want_probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (q, k, v) = self.project(x, &step.cos, &step.sin)?;
+        let (k, v) = cache.append(k, v, &step.positions)?;
         // A layer whose cache held nothing before this pass sees exactly the step's rows as keys,
         // so it can share the step's mask; otherwise its own cached positions matter.
         let own_mask;
@@ -208,14 +236,7 @@ impl Attention {
             own_mask = position_mask(&step.positions, cache.positions(), x.device())?;
             own_mask.as_ref()
         };
-        let scores = match mask {
-            Some(mask) => scores.broadcast_add(mask)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.to_dtype(v.dtype())?.matmul(&v)?;
-        let out = out.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?;
-        Ok((out, want_probs.then_some(probs)))
+        self.attend_keys(&q, k, v, mask, want_probs)
     }
 }
 
@@ -245,10 +266,10 @@ impl Mlp {
 }
 
 #[derive(Debug, Clone)]
-struct DecoderLayer {
-    self_attn: Attention,
+pub(super) struct DecoderLayer {
+    pub(super) self_attn: Attention,
     mlp: Mlp,
-    input_layernorm: RmsNorm,
+    pub(super) input_layernorm: RmsNorm,
     post_attention_layernorm: RmsNorm,
 }
 
@@ -278,7 +299,7 @@ impl Step {
 
 impl DecoderLayer {
     /// Row removal (if any), `o_proj`, residual add, then the MLP block.
-    fn finish(&self, x: &Tensor, attn: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
+    pub(super) fn finish(&self, x: &Tensor, attn: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
         let (attn, residual) = match keep {
             Some(idx) => (attn.index_select(idx, 1)?, x.index_select(idx, 1)?),
             None => (attn.clone(), x.clone()),
@@ -312,10 +333,10 @@ pub struct DecoderOutput {
 #[derive(Debug, Clone)]
 pub struct Llama {
     embed_tokens: Embedding,
-    layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
+    pub(super) layers: Vec<DecoderLayer>,
+    pub(super) norm: RmsNorm,
     lm_head: Linear,
-    rotary: Rotary,
+    pub(super) rotary: Rotary,
 }
 
 impl Llama {
@@ -372,6 +393,9 @@ impl Llama {
                 Some(p) => hook.on_attention(l, &p, &step.positions)?,
                 None => None,
             };
+            if let Some(keep) = &keep {
+                super::llama_batch::check_keep(keep, step.positions.len())?;
+            }
             let keep_idx = match keep {
                 Some(keep) if keep.len() < step.positions.len() => {
                     let idx = Tensor::new(keep.as_slice(), device)?;

@@ -11,6 +11,7 @@ use rand_distr::{Distribution, Normal};
 
 use super::config::TextConfig;
 use super::llama::{DecoderHook, KvCache, Llama, NoHook};
+use super::llama_batch::BatchSequence;
 use super::Result;
 
 const HIDDEN: usize = 32;
@@ -265,4 +266,94 @@ fn forward_rejects_mismatched_positions() {
     let m = model(&w);
     let (e, _) = embeds(&w, &IDS);
     assert!(m.forward(&e, &[0, 1], &mut KvCache::new(LAYERS), &mut NoHook).is_err());
+}
+
+/// One sequence of the batch tests: ids and the rows to keep at a layer (or no pruning).
+struct Case {
+    ids: Vec<u32>,
+    prune: Option<(usize, Vec<u32>)>,
+}
+
+fn hook(c: &Case) -> FixedPrune {
+    match &c.prune {
+        Some((layer, keep)) => FixedPrune { layer: *layer, keep: keep.clone(), seen: None },
+        None => FixedPrune { layer: usize::MAX, keep: Vec::new(), seen: None },
+    }
+}
+
+#[test]
+fn batched_prefill_matches_each_sequence_alone_and_decodes_from_its_caches() {
+    let w = weights();
+    let m = model(&w);
+    let cases = [
+        Case { ids: IDS.to_vec(), prune: Some((1, vec![0, 1, 3, 6, 7, 8])) },
+        Case { ids: vec![4, 2, 9, 1, 3], prune: None },
+        Case { ids: vec![8, 8, 3, 1, 0, 5, 2], prune: Some((0, vec![0, 2, 3, 6])) },
+    ];
+    let mut caches: Vec<KvCache> = cases.iter().map(|_| KvCache::new(LAYERS)).collect();
+    let mut hooks: Vec<FixedPrune> = cases.iter().map(hook).collect();
+    let mut seqs: Vec<BatchSequence> = cases
+        .iter()
+        .zip(caches.iter_mut().zip(hooks.iter_mut()))
+        .map(|(c, (cache, hook))| BatchSequence {
+            embeds: embeds(&w, &c.ids).0,
+            positions: (0..c.ids.len() as u32).collect(),
+            cache,
+            hook,
+        })
+        .collect();
+    let batched = m.forward_batch(&mut seqs).unwrap();
+    drop(seqs);
+    for (i, c) in cases.iter().enumerate() {
+        let mut cache = KvCache::new(LAYERS);
+        let mut alone = hook(c);
+        let pos: Vec<u32> = (0..c.ids.len() as u32).collect();
+        let want = m.forward(&embeds(&w, &c.ids).0, &pos, &mut cache, &mut alone).unwrap();
+        assert_eq!(batched[i].positions, want.positions, "sequence {i}: kept rows");
+        assert_close(&rows(&batched[i].hidden.i(0).unwrap()), &rows(&want.hidden.i(0).unwrap()), 1e-5);
+        assert_eq!(caches[i].lengths(), cache.lengths(), "sequence {i}: cache lengths");
+        for l in 0..LAYERS {
+            assert_eq!(caches[i].layer(l).positions(), cache.layer(l).positions());
+        }
+        match (&hooks[i].seen, &alone.seen) {
+            (Some(a), Some(b)) => {
+                assert_eq!(a.dims(), b.dims());
+                for h in 0..HEADS {
+                    assert_close(&rows(&a.i((0, h)).unwrap()), &rows(&b.i((0, h)).unwrap()), 1e-5);
+                }
+            }
+            (None, None) => {}
+            _ => panic!("sequence {i}: the hook saw attention in one path only"),
+        }
+        // The caches the batch filled serve decode steps like the single-sequence ones.
+        let (next, _) = embeds(&w, &[11]);
+        let n = c.ids.len() as u32;
+        let got = m.forward(&next, &[n], &mut caches[i], &mut NoHook).unwrap();
+        let want = m.forward(&next, &[n], &mut cache, &mut NoHook).unwrap();
+        assert_close(&rows(&got.hidden.i(0).unwrap()), &rows(&want.hidden.i(0).unwrap()), 1e-5);
+    }
+}
+
+#[test]
+fn bad_hook_answers_and_used_caches_are_errors_not_panics() {
+    let w = weights();
+    let m = model(&w);
+    let (e, _) = embeds(&w, &IDS);
+    let pos: Vec<u32> = (0..IDS.len() as u32).collect();
+    for keep in [vec![0u32, 99], vec![3, 1], vec![]] {
+        let mut bad = FixedPrune { layer: 0, keep: keep.clone(), seen: None };
+        assert!(m.forward(&e, &pos, &mut KvCache::new(LAYERS), &mut bad).is_err(), "{keep:?}");
+        let mut bad = FixedPrune { layer: 0, keep: keep.clone(), seen: None };
+        let (mut c1, mut c2, mut other) = (KvCache::new(LAYERS), KvCache::new(LAYERS), NoHook);
+        let mut seqs = vec![
+            BatchSequence { embeds: e.clone(), positions: pos.clone(), cache: &mut c1, hook: &mut bad },
+            BatchSequence { embeds: e.clone(), positions: pos.clone(), cache: &mut c2, hook: &mut other },
+        ];
+        assert!(m.forward_batch(&mut seqs).is_err(), "{keep:?}");
+    }
+    let mut used = KvCache::new(LAYERS);
+    m.forward(&e, &pos, &mut used, &mut NoHook).unwrap();
+    let mut none = NoHook;
+    let mut seqs = vec![BatchSequence { embeds: e.clone(), positions: pos.clone(), cache: &mut used, hook: &mut none }];
+    assert!(m.forward_batch(&mut seqs).is_err());
 }

@@ -11,6 +11,7 @@ use tokenizers::Tokenizer;
 
 use super::config::LlavaConfig;
 use super::llama::{DecoderHook, DecoderOutput, KvCache, Llama, NoHook};
+use super::llama_batch::BatchSequence;
 use super::preprocess::{ImagePreprocessor, PreprocessorConfig};
 use super::projector::Projector;
 use super::prompt::{expand_image_tokens, image_token_from_dir, ChatMessage, ChatTemplate};
@@ -53,6 +54,16 @@ impl PreparedPrompt {
     pub fn visual_tokens(&self) -> usize {
         self.image_spans.iter().map(|r| r.len()).sum()
     }
+}
+
+/// One prompt of a batched prefill, with the cache it fills and the hook that may prune it.
+pub struct PrefillItem<'a> {
+    /// The prompt.
+    pub prompt: &'a PreparedPrompt,
+    /// An empty cache.
+    pub cache: &'a mut KvCache,
+    /// Observes attention; may remove rows.
+    pub hook: &'a mut dyn DecoderHook,
 }
 
 /// The result of a prefill.
@@ -227,13 +238,48 @@ impl LlavaModel {
 
     /// Token embeddings with image features in place of the image tokens: (1, tokens, hidden).
     pub fn input_embeds(&self, prompt: &PreparedPrompt) -> Result<Tensor> {
+        let feats = prompt.pixel_values.as_ref().map(|p| self.image_features(p)).transpose()?;
+        self.merge_features(prompt, feats)
+    }
+
+    /// [`Self::input_embeds`] for several prompts, with one vision-tower pass over all images.
+    pub fn input_embeds_batch(&self, prompts: &[&PreparedPrompt]) -> Result<Vec<Tensor>> {
+        let pixels: Vec<&Tensor> = prompts.iter().filter_map(|p| p.pixel_values.as_ref()).collect();
+        let mut feats = match pixels.len() {
+            0 => None,
+            1 => Some(self.image_features(pixels[0])?),
+            _ => Some(self.image_features(&Tensor::cat(&pixels, 0)?)?),
+        };
+        let mut offset = 0;
+        prompts
+            .iter()
+            .map(|p| {
+                let own = match (&p.pixel_values, &mut feats) {
+                    (Some(px), Some(all)) => {
+                        let n = px.dim(0)?;
+                        offset += n;
+                        Some(all.narrow(0, offset - n, n)?)
+                    }
+                    _ => None,
+                };
+                self.merge_features(p, own)
+            })
+            .collect()
+    }
+
+    /// Projected image features (images, tokens per image, hidden) for pixels (images, 3, H, W).
+    fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.projector.forward(&self.vision.forward(pixels)?)
+    }
+
+    /// Places `feats` (all of the prompt's images) at the prompt's image tokens.
+    fn merge_features(&self, prompt: &PreparedPrompt, feats: Option<Tensor>) -> Result<Tensor> {
         let device = &self.options.device;
         let ids = Tensor::new(prompt.input_ids.as_slice(), device)?.unsqueeze(0)?;
         let text = self.llama.embed(&ids)?.squeeze(0)?;
-        let Some(pixels) = &prompt.pixel_values else {
+        let Some(feats) = feats else {
             return Ok(text.unsqueeze(0)?);
         };
-        let feats = self.projector.forward(&self.vision.forward(pixels)?)?;
         let feats = feats.flatten_to(1)?.to_dtype(text.dtype())?;
         // One gather: row p takes text row p, or row (tokens + k) for the k-th image token.
         let tokens = prompt.input_ids.len() as u32;
@@ -263,6 +309,32 @@ impl LlavaModel {
         let output = self.llama.forward(&embeds, &positions, cache, hook)?;
         let logits = self.llama.last_logits(&output.hidden)?.squeeze(0)?;
         Ok(Prefill { logits, output })
+    }
+
+    /// Prefills several prompts together (vision tower and each decoder layer run once for the
+    /// batch); each prompt fills its own empty cache and is pruned by its own hook. Results match
+    /// [`Self::prefill`] per prompt.
+    pub fn prefill_batch(&self, items: &mut [PrefillItem<'_>]) -> Result<Vec<Prefill>> {
+        let prompts: Vec<&PreparedPrompt> = items.iter().map(|i| i.prompt).collect();
+        let embeds = self.input_embeds_batch(&prompts)?;
+        let mut seqs: Vec<BatchSequence<'_>> = items
+            .iter_mut()
+            .zip(embeds)
+            .map(|(item, embeds)| BatchSequence {
+                embeds,
+                positions: (0..item.prompt.input_ids.len() as u32).collect(),
+                cache: &mut *item.cache,
+                hook: &mut *item.hook,
+            })
+            .collect();
+        let outputs = self.llama.forward_batch(&mut seqs)?;
+        if outputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let last: Vec<Tensor> =
+            outputs.iter().map(|o| Ok(o.hidden.narrow(1, o.positions.len() - 1, 1)?)).collect::<Result<_>>()?;
+        let logits = self.llama.last_logits(&Tensor::cat(&last, 0)?)?;
+        outputs.into_iter().enumerate().map(|(i, output)| Ok(Prefill { logits: logits.get(i)?, output })).collect()
     }
 
     /// One decode step for `token` at `position`; returns (vocab,) f32 logits.

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod demo_tokenizer;
 pub mod fingerprint;
 pub mod llama;
+pub mod llama_batch;
 pub mod llava;
 pub mod preprocess;
 pub mod projector;
