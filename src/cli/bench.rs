@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::engine::generate::{generate, GenerationParams};
 use crate::engine::sampling::SamplingParams;
 use crate::model::demo::{write_demo_model, DemoOptions, Preset};
-use crate::model::llava::LoadOptions;
+use crate::model::llava::{LoadOptions, PrefillItem};
 use crate::model::prompt::{ChatMessage, ContentPart};
 use crate::model::{source, LlavaModel, PreparedPrompt};
 use crate::pruning::calibrate::{calibrate, CalibrateOptions, Silent};
@@ -48,6 +48,9 @@ pub struct BenchArgs {
     /// f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Prompts in the batched-prefill comparison (one batch vs one at a time); 0 skips it.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
 }
 
 /// Median and spread of repeated measurements.
@@ -143,7 +146,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|");
     let mut base_prefill = None;
-    for (budget, deletions) in rows {
+    for (budget, deletions) in rows.clone() {
         let visual_ratio = flops.pruned(n, &deletions) as f64 / flops.unpruned(n) as f64;
         let prompt_ratio =
             flops.pruned_with_text(n, text_rows, &deletions) as f64 / flops.pruned_with_text(n, text_rows, &[]) as f64;
@@ -190,6 +193,64 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!(
             "| {budget:.1} | {kept} | {visual_ratio:.3} / {prompt_ratio:.3} | {:.4} [{:.4}..{:.4}] | {ratio:.3} | {:.2} | {:.4} [{:.4}..{:.4}] | {:.1} [{:.1}..{:.1}] |",
             p.median, p.min, p.max, ratio / prompt_ratio, t.median, t.min, t.max, d.median, d.min, d.max
+        );
+    }
+    if args.batch > 0 {
+        let prompts: Vec<PreparedPrompt> =
+            (0..args.batch).map(|i| prompt_for(100 + i)).collect::<anyhow::Result<_>>()?;
+        bench_batched(&model, &prompts, &rows, args.reps)?;
+    }
+    Ok(())
+}
+
+/// Prefill (vision tower, projector, decoder, first logits) of `prompts` one at a time against
+/// one batched pass, at each budget.
+fn bench_batched(
+    model: &LlavaModel,
+    prompts: &[PreparedPrompt],
+    rows: &[(f64, Vec<usize>)],
+    reps: usize,
+) -> anyhow::Result<()> {
+    let lengths: Vec<usize> = prompts.iter().map(|p| p.input_ids.len()).collect();
+    println!();
+    println!("batched prefill: {} prompts of {lengths:?} tokens | {reps} reps, median [min..max]", prompts.len());
+    println!("| budget | one at a time s | batched s | batched / one at a time |");
+    println!("|---|---|---|---|");
+    for (budget, deletions) in rows {
+        let hooks = || -> Vec<PruneHook> { prompts.iter().map(|p| PruneHook::new(deletions.clone(), p)).collect() };
+        let (mut single, mut batched) = (Vec::new(), Vec::new());
+        for rep in 0..=reps {
+            let t = Instant::now();
+            for (p, mut hook) in prompts.iter().zip(hooks()) {
+                model.prefill(p, &mut model.new_cache(), &mut hook)?.logits.to_vec1::<f32>()?;
+            }
+            let single_s = t.elapsed().as_secs_f64();
+            let mut hooks = hooks();
+            let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+            let mut items: Vec<PrefillItem<'_>> = prompts
+                .iter()
+                .zip(caches.iter_mut().zip(hooks.iter_mut()))
+                .map(|(prompt, (cache, hook))| PrefillItem { prompt, cache, hook })
+                .collect();
+            let t = Instant::now();
+            for p in model.prefill_batch(&mut items)? {
+                p.logits.to_vec1::<f32>()?;
+            }
+            if rep > 0 {
+                single.push(single_s);
+                batched.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let (s, b) = (Stat::of(single), Stat::of(batched));
+        println!(
+            "| {budget:.1} | {:.4} [{:.4}..{:.4}] | {:.4} [{:.4}..{:.4}] | {:.3} |",
+            s.median,
+            s.min,
+            s.max,
+            b.median,
+            b.min,
+            b.max,
+            b.median / s.median
         );
     }
     Ok(())

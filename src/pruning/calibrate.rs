@@ -349,9 +349,16 @@ impl Calibrator<'_> {
                 already += self.flops.qkv(n) + self.flops.attn(n);
                 forecast += self.flops.rest(n) + (layers - 1 - l) as u128 * self.flops.layer(n);
             }
-            if (already + forecast) as f64 / count as f64 <= origin * (1.0 - budget) {
+            let target = origin * (1.0 - budget);
+            if (already + forecast) as f64 / count as f64 <= target {
                 reached = true;
                 self.counts.naive_layers += (l * count) as u64;
+                break;
+            }
+            // Every later check adds non-negative costs to `already`, so once it alone is over
+            // the target no later layer can reach it: the authors' walk would run every
+            // remaining layer to learn the same "not reached".
+            if already as f64 / count as f64 > target {
                 break;
             }
             for s in 0..count {
