@@ -89,6 +89,9 @@ pub struct ServeArgs {
     /// Bearer token for /admin routes; without one the admin API answers 403.
     #[arg(long, env = "FITPRUNE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// MiB of hidden states a calibration job may memoise (least recently used dropped past it).
+    #[arg(long, env = "FITPRUNE_CALIBRATION_CACHE_MIB", default_value_t = 4096)]
+    pub calibration_cache_mib: usize,
     /// Require `Authorization: Bearer <key>` on /v1 routes.
     #[arg(long, env = "FITPRUNE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -143,6 +146,8 @@ pub struct ServerConfig {
     pub database_url: String,
     /// Admin API token.
     pub admin_token: Option<String>,
+    /// Calibration memo limit in bytes.
+    pub calibration_cache_bytes: usize,
     /// API key for /v1.
     pub api_key: Option<String>,
     /// Grace period on shutdown.
@@ -223,6 +228,7 @@ impl ServeArgs {
             detail_low_budget: self.detail_low_budget,
             database_url: self.database_url,
             admin_token: self.admin_token,
+            calibration_cache_bytes: self.calibration_cache_mib.saturating_mul(1 << 20),
             api_key: self.api_key,
             shutdown_timeout: seconds("shutdown-timeout", self.shutdown_timeout)?,
         })

@@ -64,7 +64,7 @@ pub async fn start(cfg: &ServerConfig) -> anyhow::Result<(AppState, JoinHandle<(
     metrics.recipes_stored.set(store::recipes::count(&pool).await?);
     let db = Arc::new(DbRecipes::new(pool.clone()).with_file(recipes.clone()));
     let (jobs, _calibration_thread) =
-        CalibrationJobs::start(pool, engine.clone(), db.clone(), metrics.clone(), tokio::runtime::Handle::current())?;
+        CalibrationJobs::start(pool, engine.clone(), db.clone(), metrics.clone(), cfg.calibration_cache_bytes)?;
     let admin = AdminState { token: cfg.admin_token.clone(), recipes: db.clone(), jobs };
     let source: Arc<dyn RecipeSource> = db;
     let state = AppState {

@@ -201,13 +201,21 @@ fn calibration_finds_the_authors_recipes_and_alphas() {
     let (_, model): (_, LlavaModel) = demo_model(tmp.path(), &cal.model, &cal.weights_sha256);
     let prompts: Vec<_> =
         cal.samples.iter().map(|s| model.prepare(&user(1, &s.text), &[fixture_image(&s.image)]).unwrap()).collect();
-    let opts = CalibrateOptions { budgets: cal.budgets.clone(), tolerance: cal.tolerance };
+    let opts = CalibrateOptions { budgets: cal.budgets.clone(), tolerance: cal.tolerance, ..Default::default() };
     let got = calibrate(&model, &prompts, &opts, &mut Silent).unwrap();
     for (g, want) in got.budgets.iter().zip(&cal.results) {
         assert_eq!(g.budget, want.budget);
         assert_eq!(g.alpha, want.alpha, "budget {}: alpha", g.budget);
         assert_eq!(Some(&g.deletions), want.deletions.as_ref(), "budget {}: deletions", g.budget);
     }
+    // A memo too small to hold anything (every state recomputed from the sample's embeddings
+    // when needed again) changes the work, never the result.
+    let starved = calibrate(&model, &prompts, &CalibrateOptions { cache_bytes: 1, ..opts }, &mut Silent).unwrap();
+    for (g, want) in starved.budgets.iter().zip(&got.budgets) {
+        assert_eq!((g.alpha, &g.deletions), (want.alpha, &want.deletions), "budget {} with a starved memo", g.budget);
+    }
+    assert!(starved.counts.layers() > got.counts.layers(), "recomputation is counted");
+    eprintln!("starved memo: {:.0} layer evaluations", starved.counts.layers());
     let c = got.counts;
     eprintln!(
         "calibration: {:.0} layer evaluations vs {} naive ({:.1}x fewer), {} fits",

@@ -114,8 +114,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let calib: Vec<PreparedPrompt> = (0..args.samples).map(|i| prompt_for(i + 1)).collect::<anyhow::Result<_>>()?;
     let started = Instant::now();
-    let fitted =
-        calibrate(&model, &calib, &CalibrateOptions { budgets: args.budgets.clone(), tolerance: 0.01 }, &mut Silent)?;
+    let fitted = calibrate(
+        &model,
+        &calib,
+        &CalibrateOptions { budgets: args.budgets.clone(), ..Default::default() },
+        &mut Silent,
+    )?;
     let c = fitted.counts;
     eprintln!(
         "calibrated {} budgets on {} synthetic samples in {:.1}s ({:.0} layer evaluations vs {} naive, {:.1}x fewer)",

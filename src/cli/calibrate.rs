@@ -34,6 +34,10 @@ pub struct CalibrateArgs {
     /// Alpha search tolerance.
     #[arg(long, default_value_t = 0.01)]
     tolerance: f64,
+    /// MiB of hidden states to memoise between alpha steps (least recently used dropped past it;
+    /// results do not change, only the work).
+    #[arg(long, default_value_t = 4096)]
+    cache_mib: usize,
     /// Use at most this many samples.
     #[arg(long)]
     max_samples: Option<usize>,
@@ -82,7 +86,11 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")?.progress_chars("=> "),
     );
     let started = Instant::now();
-    let opts = CalibrateOptions { budgets: args.budgets.clone(), tolerance: args.tolerance };
+    let opts = CalibrateOptions {
+        budgets: args.budgets.clone(),
+        tolerance: args.tolerance,
+        cache_bytes: args.cache_mib.saturating_mul(1 << 20),
+    };
     let result = calibrate(&model, &prompts, &opts, &mut Bar(bar.clone()))?;
     bar.finish_and_clear();
     let fp = fingerprint(&src.dir)?;

@@ -67,20 +67,23 @@ struct Runner {
     metrics: Metrics,
     rt: Handle,
     cancels: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
+    /// Memo limit per job (`CalibrateOptions::cache_bytes`).
+    cache_bytes: usize,
 }
 
 impl CalibrationJobs {
-    /// Starts the calibration thread. `rt` runs the store queries.
+    /// Starts the calibration thread (call inside the tokio runtime that runs the store queries).
     pub fn start(
         pool: SqlitePool,
         engine: Engine,
         recipes: Arc<DbRecipes>,
         metrics: Metrics,
-        rt: Handle,
+        cache_bytes: usize,
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (tx, rx) = channel();
         let cancels = Arc::new(Mutex::new(HashMap::new()));
-        let runner = Runner { pool, engine, recipes, metrics, rt, cancels: cancels.clone() };
+        let rt = Handle::current();
+        let runner = Runner { pool, engine, recipes, metrics, rt, cancels: cancels.clone(), cache_bytes };
         let handle = std::thread::Builder::new().name("fitprune-calibration".into()).spawn(move || runner.run(rx))?;
         Ok((Self { tx, cancels }, handle))
     }
@@ -217,7 +220,8 @@ impl Runner {
                 model.prepare(&[msg], std::slice::from_ref(&s.image))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let opts = CalibrateOptions { budgets: req.budgets.clone(), tolerance: req.tolerance };
+        let opts =
+            CalibrateOptions { budgets: req.budgets.clone(), tolerance: req.tolerance, cache_bytes: self.cache_bytes };
         let result = calibrate(model, &prompts, &opts, observer)?;
         let unreachable: Vec<f64> = result.budgets.iter().filter(|b| b.alpha.is_none()).map(|b| b.budget).collect();
         if !unreachable.is_empty() {

@@ -6,8 +6,10 @@
 //! sample's pruned passes live in a trie keyed by the deletions made so far: the hidden state
 //! entering layer l depends only on which rows earlier layers removed, so any alpha (of any
 //! budget) that makes the same decisions reuses the same layer evaluations. The unpruned chain is
-//! the statistics pass itself. Results are identical to the naive search by construction; the
-//! evaluation counts of both are reported.
+//! the statistics pass itself. A fit stops as soon as the cost already spent rules the budget
+//! out. Hidden states are memoised up to a byte limit; past it the least recently used are
+//! dropped and recomputed from their parents when needed again. Results are identical to the
+//! naive search by construction; the evaluation counts of both are reported.
 
 use std::collections::HashMap;
 
@@ -26,11 +28,17 @@ pub struct CalibrateOptions {
     pub budgets: Vec<f64>,
     /// Binary search stops when the alpha interval is at most this wide (authors: 0.01).
     pub tolerance: f64,
+    /// Bytes of hidden states the memo may hold; past it the least recently used are dropped
+    /// and recomputed from their parents if needed again (results do not change, work grows).
+    pub cache_bytes: usize,
 }
+
+/// Default memo size: 4 GiB (a LLaVA-1.5-7B node holds two f16 tensors of about 5 MB each).
+pub const DEFAULT_CACHE_BYTES: usize = 4 << 30;
 
 impl Default for CalibrateOptions {
     fn default() -> Self {
-        Self { budgets: vec![0.3, 0.5, 0.7], tolerance: 0.01 }
+        Self { budgets: vec![0.3, 0.5, 0.7], tolerance: 0.01, cache_bytes: DEFAULT_CACHE_BYTES }
     }
 }
 
@@ -100,15 +108,22 @@ impl CalibrationObserver for Silent {
 
 /// One state of a sample's prefill: the input of some layer after some deletions.
 struct Node {
-    /// The layer input; `None` until first needed (a fit that stops at this layer's budget
-    /// check never needs it, so the previous layer's MLP half is never run for it).
+    /// The layer this node enters.
+    layer: usize,
+    /// The layer input; computed when first needed (a fit that stops at this layer's budget
+    /// check never needs it) and dropped under memory pressure (recomputed from the parent).
     x: Option<Tensor>,
     /// Parent node and the rows it kept, to compute `x` on demand.
     origin: Option<(usize, Vec<u32>)>,
     positions: Vec<u32>,
     is_visual: Vec<bool>,
-    /// Attention half of this node's layer, computed on first need.
-    attention: Option<(Tensor, VisualScores, usize)>,
+    /// The layer's visual scores and cross-row count: all a pruning decision needs; kept.
+    scores: Option<(VisualScores, usize)>,
+    /// The layer's attention output before `o_proj`, needed to compute the children's `x`;
+    /// dropped under memory pressure like `x`.
+    attn: Option<Tensor>,
+    /// Tick of the last use, for least-recently-used eviction.
+    used: u64,
     /// Deleted current-row indices -> the node entering the next layer.
     children: HashMap<Vec<u32>, usize>,
 }
@@ -126,6 +141,14 @@ struct Calibrator<'a> {
     samples: Vec<Sample>,
     visual: usize,
     counts: EvalCounts,
+    /// Memo size limit and current size in bytes, and the use clock.
+    cache_bytes: usize,
+    held: usize,
+    tick: u64,
+}
+
+fn bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
 }
 
 /// Fits one recipe per budget from calibration prompts (each with the same number of visual
@@ -146,6 +169,9 @@ pub fn calibrate(
         samples: Vec::with_capacity(prompts.len()),
         visual,
         counts: EvalCounts::default(),
+        cache_bytes: opts.cache_bytes,
+        held: 0,
+        tick: 0,
     };
     for (i, p) in prompts.iter().enumerate() {
         c.add_sample(p, observer)?;
@@ -241,12 +267,16 @@ impl Calibrator<'_> {
         for span in &prompt.image_spans {
             is_visual[span.clone()].iter_mut().for_each(|v| *v = true);
         }
+        // The root's input is never evicted: every recomputation starts from it.
         let root = Node {
+            layer: 0,
             x: Some(x),
             origin: None,
             positions: (0..prompt.input_ids.len() as u32).collect(),
             is_visual,
-            attention: None,
+            scores: None,
+            attn: None,
+            used: 0,
             children: HashMap::new(),
         };
         self.samples.push(Sample { nodes: vec![root], stats: Vec::new() });
@@ -256,10 +286,8 @@ impl Calibrator<'_> {
             if observer.cancelled() {
                 return Err(PruneError::Cancelled);
             }
-            self.ensure_attention(s, node, l)?;
-            let (_, scores, cross_rows) =
-                self.samples[s].nodes[node].attention.as_ref().ok_or(PruneError::Cancelled)?;
-            let w_cross = scores.cross_attn.iter().map(|&v| f64::from(v)).sum::<f64>() / *cross_rows as f64;
+            let (scores, cross_rows) = self.ensure_scores(s, node)?;
+            let w_cross = scores.cross_attn.iter().map(|&v| f64::from(v)).sum::<f64>() / cross_rows as f64;
             let w_self = scores.self_attn.iter().map(|&v| f64::from(v)).sum::<f64>();
             self.samples[s].stats.push((w_cross, w_self));
             if l + 1 < self.flops.layers {
@@ -269,38 +297,105 @@ impl Calibrator<'_> {
         Ok(())
     }
 
-    fn ensure_attention(&mut self, s: usize, node: usize, layer: usize) -> Result<(), PruneError> {
-        if self.samples[s].nodes[node].attention.is_some() {
-            return Ok(());
-        }
-        let x = self.ensure_input(s, node, layer)?;
-        let n = &self.samples[s].nodes[node];
-        let (attn, probs) = self.model.llama().layer_attention(layer, &x, &n.positions)?;
-        let roles = RowRoles::from_flags(&n.is_visual);
-        let scores = visual_scores(&head_max(&probs)?, &roles)?;
-        let cross_rows = roles.cross.len();
-        self.counts.attention += 1;
-        self.samples[s].nodes[node].attention = Some((attn, scores, cross_rows));
-        Ok(())
+    fn touch(&mut self, s: usize, node: usize) {
+        self.tick += 1;
+        self.samples[s].nodes[node].used = self.tick;
     }
 
-    /// The input of `node` (entering `layer`), running the parent's MLP half if not done yet.
-    fn ensure_input(&mut self, s: usize, node: usize, layer: usize) -> Result<Tensor, PruneError> {
+    /// The node's visual scores, running its attention half if they were never computed.
+    fn ensure_scores(&mut self, s: usize, node: usize) -> Result<(VisualScores, usize), PruneError> {
+        if self.samples[s].nodes[node].scores.is_none() {
+            self.ensure_attn(s, node)?;
+        }
+        self.touch(s, node);
+        self.samples[s].nodes[node]
+            .scores
+            .clone()
+            .ok_or_else(|| PruneError::InvalidInput("calibration lost a node's scores".into()))
+    }
+
+    /// The node's attention output (running its attention half, and its input first, if needed).
+    fn ensure_attn(&mut self, s: usize, node: usize) -> Result<Tensor, PruneError> {
+        self.touch(s, node);
+        if let Some(a) = &self.samples[s].nodes[node].attn {
+            return Ok(a.clone());
+        }
+        let x = self.ensure_input(s, node)?;
+        self.compute_attn(s, node, &x)
+    }
+
+    /// Runs the node's attention half on its input `x`, keeping the output and the scores.
+    fn compute_attn(&mut self, s: usize, node: usize, x: &Tensor) -> Result<Tensor, PruneError> {
+        let n = &self.samples[s].nodes[node];
+        let (attn, probs) = self.model.llama().layer_attention(n.layer, x, &n.positions)?;
+        self.counts.attention += 1;
+        if n.scores.is_none() {
+            let roles = RowRoles::from_flags(&n.is_visual);
+            let scores = visual_scores(&head_max(&probs)?, &roles)?;
+            self.samples[s].nodes[node].scores = Some((scores, roles.cross.len()));
+        }
+        self.store(s, node, None, Some(attn.clone()));
+        Ok(attn)
+    }
+
+    /// The node's layer input, running the parent's MLP half (and whatever the parent lost) if
+    /// it is not held. Each missing ancestor is recomputed once, so the cost is linear in depth.
+    fn ensure_input(&mut self, s: usize, node: usize) -> Result<Tensor, PruneError> {
+        self.touch(s, node);
         let n = &self.samples[s].nodes[node];
         if let Some(x) = &n.x {
             return Ok(x.clone());
         }
-        let (parent, keep) = n.origin.clone().ok_or(PruneError::Cancelled)?;
-        let p = &self.samples[s].nodes[parent];
-        let (px, attn) = match (&p.x, &p.attention) {
-            (Some(px), Some((attn, _, _))) => (px, attn),
-            _ => return Err(PruneError::InvalidInput("calibration trie lost a parent state".into())),
+        let (parent, keep) =
+            n.origin.clone().ok_or_else(|| PruneError::InvalidInput("calibration lost a root state".into()))?;
+        let px = self.ensure_input(s, parent)?;
+        let attn = match self.samples[s].nodes[parent].attn.clone() {
+            Some(a) => a,
+            None => self.compute_attn(s, parent, &px)?,
         };
-        let pruned = keep.len() < p.positions.len();
-        let x = self.model.llama().layer_finish(layer - 1, px, attn, pruned.then_some(keep.as_slice()))?;
+        let layer = self.samples[s].nodes[parent].layer;
+        let pruned = keep.len() < px.dim(1)?;
+        let x = self.model.llama().layer_finish(layer, &px, &attn, pruned.then_some(keep.as_slice()))?;
         self.counts.mlp += 1;
-        self.samples[s].nodes[node].x = Some(x.clone());
+        self.store(s, node, Some(x.clone()), None);
         Ok(x)
+    }
+
+    /// Keeps a computed tensor in the memo, then evicts the least recently used tensors (never a
+    /// root input) down to three quarters of the limit if it is exceeded.
+    fn store(&mut self, s: usize, node: usize, x: Option<Tensor>, attn: Option<Tensor>) {
+        let n = &mut self.samples[s].nodes[node];
+        if let Some(x) = x {
+            self.held += bytes(&x);
+            n.x = Some(x);
+        }
+        if let Some(a) = attn {
+            self.held += bytes(&a);
+            n.attn = Some(a);
+        }
+        if self.held <= self.cache_bytes {
+            return;
+        }
+        let mut held: Vec<(u64, usize, usize)> = Vec::new();
+        for (si, sample) in self.samples.iter().enumerate() {
+            for (ni, n) in sample.nodes.iter().enumerate() {
+                if (n.x.is_some() && n.origin.is_some()) || n.attn.is_some() {
+                    held.push((n.used, si, ni));
+                }
+            }
+        }
+        held.sort_unstable();
+        let goal = self.cache_bytes / 4 * 3;
+        for (_, si, ni) in held {
+            if self.held <= goal {
+                break;
+            }
+            let n = &mut self.samples[si].nodes[ni];
+            if n.origin.is_some() {
+                self.held -= n.x.take().as_ref().map_or(0, bytes);
+            }
+            self.held -= n.attn.take().as_ref().map_or(0, bytes);
+        }
     }
 
     /// The node entering layer + 1 after deleting `deleted` (current-row indices) at `layer`;
@@ -312,11 +407,14 @@ impl Calibrator<'_> {
         let n = &self.samples[s].nodes[node];
         let keep: Vec<u32> = (0..n.positions.len() as u32).filter(|i| deleted.binary_search(i).is_err()).collect();
         let child = Node {
+            layer: n.layer + 1,
             x: None,
             positions: keep.iter().map(|&i| n.positions[i as usize]).collect(),
             is_visual: keep.iter().map(|&i| n.is_visual[i as usize]).collect(),
             origin: Some((node, keep)),
-            attention: None,
+            scores: None,
+            attn: None,
+            used: 0,
             children: HashMap::new(),
         };
         let nodes = &mut self.samples[s].nodes;
@@ -365,7 +463,6 @@ impl Calibrator<'_> {
                 if observer.cancelled() {
                     return Err(PruneError::Cancelled);
                 }
-                self.ensure_attention(s, at[s], l)?;
                 let deleted = self.decide(s, at[s], l, alpha)?;
                 *entry += deleted.len();
                 left[s] -= deleted.len() as u64;
@@ -382,12 +479,12 @@ impl Calibrator<'_> {
     }
 
     /// Rows to delete at a node for `alpha`: the intersection of the cross and self prefix sets.
-    fn decide(&self, s: usize, node: usize, layer: usize, alpha: f64) -> Result<Vec<u32>, PruneError> {
+    fn decide(&mut self, s: usize, node: usize, layer: usize, alpha: f64) -> Result<Vec<u32>, PruneError> {
+        let (scores, cross_rows) = self.ensure_scores(s, node)?;
         let sample = &self.samples[s];
         let n = &sample.nodes[node];
-        let (_, scores, cross_rows) = n.attention.as_ref().ok_or(PruneError::Cancelled)?;
         let (w_cross, w_self) = sample.stats[layer];
-        let cross: Vec<f32> = scores.cross_attn.iter().map(|&v| v / *cross_rows as f32).collect();
+        let cross: Vec<f32> = scores.cross_attn.iter().map(|&v| v / cross_rows as f32).collect();
         let by_cross = prefix_deletions(&cross, w_cross, alpha);
         let by_self = prefix_deletions(&scores.self_attn, w_self, alpha);
         let mut in_cross = vec![false; cross.len()];
