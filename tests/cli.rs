@@ -167,3 +167,20 @@ fn recipes_store_round_trip_through_the_cli() {
     let out = fitprune(&["recipes", "--database-url", &db, "export"], cache.path());
     assert_eq!(serde_json::from_slice::<Vec<Recipe>>(&out.stdout).unwrap().len(), 0);
 }
+
+#[test]
+fn empty_environment_settings_count_as_unset() {
+    let cache = tempfile::tempdir().unwrap();
+    // An invalid flag makes `serve` exit during validation, after the environment was read.
+    let out = Command::new(env!("CARGO_BIN_EXE_fitprune"))
+        .args(["serve", "--max-running", "0"])
+        .env("FITPRUNE_CACHE_DIR", cache.path())
+        .env("FITPRUNE_DEFAULT_BUDGET", "")
+        .env("FITPRUNE_MAX_WAITING", "")
+        .output()
+        .expect("run fitprune");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--max-running"), "{stderr}");
+    assert!(!stderr.contains("default-budget") && !stderr.contains("max-waiting"), "{stderr}");
+}
