@@ -50,10 +50,17 @@ pub fn args(extra: &[&str]) -> ServeArgs {
     let mut argv = vec!["serve".to_string(), "--model".into(), dir, "--served-model-name".into(), "demo".into()];
     argv.extend(extra.iter().map(|s| s.to_string()));
     if !extra.contains(&"--database-url") {
-        // Never the default ./fitprune.db: each server gets its own file under the temp dir.
+        // Never the default ./fitprune.db: each server gets its own file in cargo's target/tmp,
+        // named by test binary and server number, so reruns reuse (after clearing) the same files
+        // instead of piling them up.
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let db = std::env::temp_dir().join(format!("fitprune-test-{}-{n}.db", std::process::id()));
+        let exe = std::env::current_exe().unwrap();
+        let binary = exe.file_stem().unwrap().to_string_lossy().to_string();
+        let db = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("fitprune-test-{binary}-{n}.db"));
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+        }
         argv.push("--database-url".into());
         argv.push(format!("sqlite://{}", db.display()));
     }
