@@ -53,6 +53,15 @@ pub struct BenchArgs {
     batch: usize,
 }
 
+/// One budget's measurements over the repetitions.
+#[derive(Default)]
+struct Measured {
+    kept: usize,
+    prefill: Vec<f64>,
+    ttft: Vec<f64>,
+    decode: Vec<f64>,
+}
+
 /// Median and spread of repeated measurements.
 struct Stat {
     median: f64,
@@ -149,18 +158,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "| budget | kept visual | FLOPs ratio (visual / whole prompt) | LLM prefill s | prefill ratio | ratio / FLOPs | TTFT s | decode tok/s |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let mut base_prefill = None;
-    for (budget, deletions) in rows.clone() {
-        let visual_ratio = flops.pruned(n, &deletions) as f64 / flops.unpruned(n) as f64;
-        let prompt_ratio =
-            flops.pruned_with_text(n, text_rows, &deletions) as f64 / flops.pruned_with_text(n, text_rows, &[]) as f64;
-        let mut prefill = Vec::new();
-        let mut ttft = Vec::new();
-        let mut decode = Vec::new();
-        let mut kept = n as usize;
-        let embeds = model.input_embeds(&prompt)?;
-        let positions: Vec<u32> = (0..prompt.input_ids.len() as u32).collect();
-        for rep in 0..=args.reps {
+    // Budgets take turns within each repetition and ratios are taken per repetition, so load
+    // that drifts during the run (these machines are shared) hits every budget alike.
+    let embeds = model.input_embeds(&prompt)?;
+    let positions: Vec<u32> = (0..prompt.input_ids.len() as u32).collect();
+    let params =
+        GenerationParams { sampling: SamplingParams::default(), max_tokens: args.decode_tokens, stop: Vec::new() };
+    let mut measured: Vec<Measured> = rows.iter().map(|_| Measured::default()).collect();
+    for rep in 0..=args.reps {
+        for ((_, deletions), m) in rows.iter().zip(measured.iter_mut()) {
             // LLM prefill alone: the decoder over precomputed embeddings. A hook with no
             // deletions never asks for attention, so the baseline runs the plain path.
             let mut hook = PruneHook::new(deletions.clone(), &prompt);
@@ -169,14 +175,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let out = model.llama().forward(&embeds, &positions, &mut cache, &mut hook)?;
             model.llama().last_logits(&out.hidden)?.to_vec2::<f32>()?;
             let prefill_s = t.elapsed().as_secs_f64();
-            kept = hook.visual_kept();
+            m.kept = hook.visual_kept();
             // End to end: vision tower, projector, prefill and the first token, then decoding.
             let mut hook = PruneHook::new(deletions.clone(), &prompt);
-            let params = GenerationParams {
-                sampling: SamplingParams::default(),
-                max_tokens: args.decode_tokens,
-                stop: Vec::new(),
-            };
             let t = Instant::now();
             let mut first: Option<Duration> = None;
             let g = generate(&model, &prompt, &params, &mut hook, &mut |_| {
@@ -186,17 +187,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             if rep == 0 {
                 continue; // warm-up
             }
-            prefill.push(prefill_s);
-            ttft.push(first.unwrap_or(g.timings.prefill).as_secs_f64());
+            m.prefill.push(prefill_s);
+            m.ttft.push(first.unwrap_or(g.timings.prefill).as_secs_f64());
             let steps = g.completion_tokens.saturating_sub(1).max(1);
-            decode.push(steps as f64 / g.timings.decode.as_secs_f64().max(1e-9));
+            m.decode.push(steps as f64 / g.timings.decode.as_secs_f64().max(1e-9));
         }
-        let (p, t, d) = (Stat::of(prefill), Stat::of(ttft), Stat::of(decode));
-        let base = *base_prefill.get_or_insert(p.median);
-        let ratio = p.median / base;
+    }
+    let base = measured[0].prefill.clone();
+    for ((budget, deletions), m) in rows.iter().zip(measured) {
+        let visual_ratio = flops.pruned(n, deletions) as f64 / flops.unpruned(n) as f64;
+        let prompt_ratio =
+            flops.pruned_with_text(n, text_rows, deletions) as f64 / flops.pruned_with_text(n, text_rows, &[]) as f64;
+        let ratio = Stat::of(m.prefill.iter().zip(&base).map(|(p, b)| p / b).collect()).median;
+        let (p, t, d) = (Stat::of(m.prefill), Stat::of(m.ttft), Stat::of(m.decode));
         println!(
-            "| {budget:.1} | {kept} | {visual_ratio:.3} / {prompt_ratio:.3} | {:.4} [{:.4}..{:.4}] | {ratio:.3} | {:.2} | {:.4} [{:.4}..{:.4}] | {:.1} [{:.1}..{:.1}] |",
-            p.median, p.min, p.max, ratio / prompt_ratio, t.median, t.min, t.max, d.median, d.min, d.max
+            "| {budget:.1} | {} | {visual_ratio:.3} / {prompt_ratio:.3} | {:.4} [{:.4}..{:.4}] | {ratio:.3} | {:.2} | {:.4} [{:.4}..{:.4}] | {:.1} [{:.1}..{:.1}] |",
+            m.kept, p.median, p.min, p.max, ratio / prompt_ratio, t.median, t.min, t.max, d.median, d.min, d.max
         );
     }
     if args.batch > 0 {

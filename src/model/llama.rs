@@ -134,7 +134,7 @@ impl Rotary {
 
 /// Additive mask (rows, keys): 0 where the key's position is not after the row's, -inf elsewhere.
 /// `None` when every key is visible to every row (decode steps).
-fn position_mask(rows: &[u32], keys: &[u32], device: &Device) -> Result<Option<Tensor>> {
+pub(super) fn position_mask(rows: &[u32], keys: &[u32], device: &Device) -> Result<Option<Tensor>> {
     let min_row = rows.iter().copied().min().unwrap_or(0);
     if keys.iter().all(|&k| k <= min_row) {
         return Ok(None);

@@ -1,17 +1,16 @@
-//! Batched prefill through the prunable decoder: several prompts of different lengths go through
-//! each layer as one tensor, while every sequence keeps its own positions, KV cache and hook, so
-//! each prunes its own rows by its own recipe.
+//! Batched prefill through the prunable decoder: several prompts of different lengths share
+//! every layer's matrix multiplications, while each sequence keeps its own positions, KV cache
+//! and hook, so each prunes its own rows by its own recipe.
 //!
-//! Sequences are right-padded to the longest. A per-sequence mask hides padding from real rows
-//! (padding rows see only themselves, so their softmax stays finite); a masked key gets exactly
-//! zero probability, so a real row's result is the single-sequence one up to float summation
-//! order. After a layer prunes, one gather over the flattened (batch * rows) packs each
-//! sequence's kept rows to the front and pads to the new longest, and the RoPE tables and mask
-//! are rebuilt for the new layout.
+//! Sequences are packed back to back along the row axis, without padding (as vLLM packs
+//! variable-length prefills): the projections, `o_proj` and the MLP run once over all rows, and
+//! attention runs per sequence over its own rows with its own causal mask, so a sequence's
+//! attention is exactly what it computes alone and no (batch × rows × rows) tensor exists. After
+//! a layer prunes, one gather keeps every sequence's surviving rows, still packed.
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 
-use super::llama::{DecoderHook, DecoderOutput, KvCache, Llama, Rotary};
+use super::llama::{position_mask, DecoderHook, DecoderOutput, KvCache, Llama};
 use super::{ModelError, Result};
 
 /// One sequence of a batched prefill.
@@ -26,57 +25,41 @@ pub struct BatchSequence<'a> {
     pub hook: &'a mut dyn DecoderHook,
 }
 
-/// Where every sequence's rows sit in the padded batch, with the tables that depend on it.
-struct Layout {
-    /// Original positions of each sequence's current rows (its first `len` padded rows).
+/// Where each sequence's rows sit in the packed batch.
+struct Packing {
+    /// Original positions of each sequence's current rows.
     positions: Vec<Vec<u32>>,
-    /// Padded row count: the longest sequence.
-    width: usize,
-    cos: Tensor,
-    sin: Tensor,
-    /// Additive mask (batch, 1, width, width).
-    mask: Tensor,
+    /// First packed row of each sequence.
+    offsets: Vec<usize>,
+    /// Each sequence's causal mask over its own rows (`None`: not built yet, or none needed).
+    masks: Vec<Option<Option<Tensor>>>,
 }
 
-impl Layout {
-    fn new(rotary: &Rotary, positions: Vec<Vec<u32>>, dtype: DType, device: &Device) -> Result<Self> {
-        let (b, width) = (positions.len(), positions.iter().map(Vec::len).max().unwrap_or(0));
-        let padded: Vec<u32> =
-            positions.iter().flat_map(|p| p.iter().copied().chain(std::iter::repeat_n(0, width - p.len()))).collect();
-        let (cos, sin) = rotary.tables(&padded, dtype, device)?;
-        let half = cos.dim(1)?;
-        let (cos, sin) = (cos.reshape((b, width, half))?, sin.reshape((b, width, half))?);
-        let mut mask = vec![f32::NEG_INFINITY; b * width * width];
-        for (i, p) in positions.iter().enumerate() {
-            let block = &mut mask[i * width * width..(i + 1) * width * width];
-            for r in 0..width {
-                for k in 0..width {
-                    let visible = if r < p.len() { k < p.len() && p[k] <= p[r] } else { k == r };
-                    if visible {
-                        block[r * width + k] = 0.0;
-                    }
-                }
-            }
-        }
-        let mask = Tensor::from_vec(mask, (b, 1, width, width), device)?;
-        Ok(Self { positions, width, cos, sin, mask })
-    }
-
-    /// Gathers rows of a (batch, width, dim) tensor so that sequence i holds `keep[i]` (indices
-    /// into its current rows) at the front, padded with copies of its first kept row.
-    fn gather(&self, t: &Tensor, keep: &[Vec<u32>], width: usize) -> Result<Tensor> {
-        let (b, _, dim) = t.dims3()?;
-        let index: Vec<u32> = keep
+impl Packing {
+    fn new(positions: Vec<Vec<u32>>) -> Self {
+        let offsets = positions
             .iter()
-            .enumerate()
-            .flat_map(|(i, k)| {
-                let base = (i * self.width) as u32;
-                let filler = base + k[0];
-                k.iter().map(move |&r| base + r).chain(std::iter::repeat_n(filler, width - k.len()))
+            .scan(0, |next, p| {
+                let at = *next;
+                *next += p.len();
+                Some(at)
             })
             .collect();
-        let index = Tensor::new(index.as_slice(), t.device())?;
-        Ok(t.reshape((b * self.width, dim))?.index_select(&index, 0)?.reshape((b, width, dim))?)
+        let masks = positions.iter().map(|_| None).collect();
+        Self { positions, offsets, masks }
+    }
+
+    fn all_positions(&self) -> Vec<u32> {
+        self.positions.concat()
+    }
+
+    /// Sequence i's mask, built on first use and kept until its rows change.
+    fn mask(&mut self, i: usize, device: &Device) -> Result<Option<Tensor>> {
+        if self.masks[i].is_none() {
+            let p = &self.positions[i];
+            self.masks[i] = Some(position_mask(p, p, device)?);
+        }
+        Ok(self.masks[i].clone().flatten())
     }
 }
 
@@ -115,65 +98,54 @@ impl Llama {
                 )));
             }
         }
-        let mut layout = Layout::new(&self.rotary, seqs.iter().map(|s| s.positions.clone()).collect(), dtype, &device)?;
-        let padded = seqs
-            .iter()
-            .map(|s| {
-                let rows = s.positions.len();
-                Ok(s.embeds.pad_with_zeros(1, 0, layout.width - rows)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut x = Tensor::cat(&padded, 0)?;
+        let mut packing = Packing::new(seqs.iter().map(|s| s.positions.clone()).collect());
+        let mut x = Tensor::cat(&seqs.iter().map(|s| &s.embeds).collect::<Vec<_>>(), 1)?;
+        let (mut cos, mut sin) = self.rotary.tables(&packing.all_positions(), dtype, &device)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_layernorm.forward(&x)?;
-            let (q, k, v) = layer.self_attn.project(&normed, &layout.cos, &layout.sin)?;
-            for (i, s) in seqs.iter_mut().enumerate() {
-                let rows = &layout.positions[i];
-                let own =
-                    |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(0, i, 1)?.narrow(2, 0, rows.len())?.contiguous()?) };
-                s.cache.layers[l].append(own(&k)?, own(&v)?, rows)?;
-            }
-            let want: Vec<bool> = seqs.iter().map(|s| s.hook.wants_attention(l)).collect();
-            let (attn, probs) = layer.self_attn.attend_keys(&q, k, v, Some(&layout.mask), want.contains(&true))?;
+            let (q, k, v) = layer.self_attn.project(&normed, &cos, &sin)?;
+            let mut outs = Vec::with_capacity(seqs.len());
             let mut keep: Vec<Option<Vec<u32>>> = vec![None; seqs.len()];
-            if let Some(probs) = probs {
-                for (i, s) in seqs.iter_mut().enumerate().filter(|(i, _)| want[*i]) {
-                    let rows = layout.positions[i].len();
-                    let own = probs.narrow(0, i, 1)?.narrow(2, 0, rows)?.narrow(3, 0, rows)?.contiguous()?;
-                    if let Some(k) = s.hook.on_attention(l, &own, &layout.positions[i])? {
+            for (i, s) in seqs.iter_mut().enumerate() {
+                let (at, rows) = (packing.offsets[i], packing.positions[i].len());
+                let own = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, at, rows)?.contiguous()?) };
+                let (k, v) = s.cache.layers[l].append(own(&k)?, own(&v)?, &packing.positions[i])?;
+                let want = s.hook.wants_attention(l);
+                let mask = packing.mask(i, &device)?;
+                let (out, probs) = layer.self_attn.attend_keys(&own(&q)?, k, v, mask.as_ref(), want)?;
+                if let Some(probs) = probs {
+                    if let Some(k) = s.hook.on_attention(l, &probs, &packing.positions[i])? {
                         check_keep(&k, rows)?;
                         keep[i] = (k.len() < rows).then_some(k);
                     }
                 }
+                outs.push(out);
             }
+            let attn = Tensor::cat(&outs, 1)?;
             let (residual, attn) = if keep.iter().any(Option::is_some) {
-                let keep: Vec<Vec<u32>> = keep
-                    .into_iter()
-                    .zip(&layout.positions)
-                    .map(|(k, p)| k.unwrap_or_else(|| (0..p.len() as u32).collect()))
-                    .collect();
-                let positions: Vec<Vec<u32>> = keep
-                    .iter()
-                    .zip(&layout.positions)
-                    .map(|(k, p)| k.iter().map(|&r| p[r as usize]).collect())
-                    .collect();
-                let next = Layout::new(&self.rotary, positions, dtype, &device)?;
-                let gathered = (layout.gather(&x, &keep, next.width)?, layout.gather(&attn, &keep, next.width)?);
-                layout = next;
-                gathered
+                let mut index = Vec::new();
+                let mut positions = Vec::with_capacity(seqs.len());
+                for (i, k) in keep.into_iter().enumerate() {
+                    let (at, p) = (packing.offsets[i] as u32, &packing.positions[i]);
+                    let k = k.unwrap_or_else(|| (0..p.len() as u32).collect());
+                    index.extend(k.iter().map(|&r| at + r));
+                    positions.push(k.iter().map(|&r| p[r as usize]).collect());
+                }
+                packing = Packing::new(positions);
+                (cos, sin) = self.rotary.tables(&packing.all_positions(), dtype, &device)?;
+                let index = Tensor::new(index.as_slice(), &device)?;
+                (x.index_select(&index, 1)?, attn.index_select(&index, 1)?)
             } else {
                 (x, attn)
             };
             x = layer.finish(&residual, &attn, None)?;
         }
         let hidden = self.norm.forward(&x)?;
-        layout
-            .positions
+        let Packing { positions, offsets, .. } = packing;
+        positions
             .into_iter()
-            .enumerate()
-            .map(|(i, positions)| {
-                Ok(DecoderOutput { hidden: hidden.narrow(0, i, 1)?.narrow(1, 0, positions.len())?, positions })
-            })
+            .zip(offsets)
+            .map(|(positions, at)| Ok(DecoderOutput { hidden: hidden.narrow(1, at, positions.len())?, positions }))
             .collect()
     }
 }
