@@ -41,10 +41,15 @@ impl DecoderHook for NoHook {
     }
 }
 
-/// Keys and values one layer has seen, with their positions (for masking).
-#[derive(Debug, Clone, Default)]
+/// Tokens of headroom a layer's KV buffer gets beyond its prefill (it grows by its initial size
+/// when full), so decode steps write in place instead of copying the whole cache every token.
+const KV_HEADROOM: usize = 256;
+
+/// Keys and values one layer has seen, with their positions (for masking). Not `Clone`: the
+/// buffer is written in place, so two copies would overwrite each other's tokens.
+#[derive(Debug, Default)]
 pub struct LayerCache {
-    kv: Option<(Tensor, Tensor)>,
+    kv: Option<candle_nn::kv_cache::KvCache>,
     positions: Vec<u32>,
 }
 
@@ -66,18 +71,15 @@ impl LayerCache {
 
     /// Appends (batch, kv_heads, new, head_dim) keys/values and returns the whole cache.
     pub(super) fn append(&mut self, k: Tensor, v: Tensor, positions: &[u32]) -> Result<(Tensor, Tensor)> {
-        let kv = match self.kv.take() {
-            None => (k, v),
-            Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
-        };
+        let kv = self.kv.get_or_insert_with(|| candle_nn::kv_cache::KvCache::new(2, positions.len() + KV_HEADROOM));
+        let kv = kv.append(&k.contiguous()?, &v.contiguous()?)?;
         self.positions.extend_from_slice(positions);
-        self.kv = Some(kv.clone());
         Ok(kv)
     }
 }
 
 /// One [`LayerCache`] per decoder layer.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KvCache {
     pub(super) layers: Vec<LayerCache>,
 }
@@ -85,7 +87,7 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for `num_layers` layers.
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![LayerCache::default(); num_layers] }
+        Self { layers: (0..num_layers).map(|_| LayerCache::default()).collect() }
     }
 
     /// The cache of one layer.

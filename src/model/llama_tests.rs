@@ -357,3 +357,24 @@ fn bad_hook_answers_and_used_caches_are_errors_not_panics() {
     let mut seqs = vec![BatchSequence { embeds: e.clone(), positions: pos.clone(), cache: &mut used, hook: &mut none }];
     assert!(m.forward_batch(&mut seqs).is_err());
 }
+
+#[test]
+fn decoding_past_the_cache_headroom_matches_one_pass() {
+    let w = weights();
+    let m = model(&w);
+    // 300 decode steps outgrow the first KV buffer (prompt + 256 tokens) at least once.
+    let ids: Vec<u32> =
+        (0..IDS.len() + 300).map(|i| if i < IDS.len() { IDS[i] } else { (i * 7 % VOCAB) as u32 }).collect();
+    let mut cache = KvCache::new(LAYERS);
+    let n = IDS.len();
+    m.forward(&embeds(&w, &ids[..n]).0, &(0..n as u32).collect::<Vec<_>>(), &mut cache, &mut NoHook).unwrap();
+    let mut last = None;
+    for (p, &id) in ids.iter().enumerate().skip(n) {
+        last = Some(m.forward(&embeds(&w, &[id]).0, &[p as u32], &mut cache, &mut NoHook).unwrap());
+    }
+    assert_eq!(cache.lengths(), vec![ids.len(); LAYERS]);
+    let all: Vec<u32> = (0..ids.len() as u32).collect();
+    let one_pass = m.forward(&embeds(&w, &ids).0, &all, &mut KvCache::new(LAYERS), &mut NoHook).unwrap();
+    let want = rows(&one_pass.hidden.i(0).unwrap());
+    assert_close(&rows(&last.unwrap().hidden.i(0).unwrap()), &want[want.len() - 1..], 1e-4);
+}
