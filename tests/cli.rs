@@ -1,5 +1,7 @@
 //! The `fitprune` binary end to end: demo-model, generate (plain and pruned), calibrate.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -183,4 +185,16 @@ fn empty_environment_settings_count_as_unset() {
     assert!(!out.status.success());
     assert!(stderr.contains("--max-running"), "{stderr}");
     assert!(!stderr.contains("default-budget") && !stderr.contains("max-waiting"), "{stderr}");
+}
+
+#[test]
+fn a_cli_image_declaring_a_huge_canvas_is_refused_before_decoding() {
+    let cache = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let bomb = work.path().join("bomb.png");
+    std::fs::write(&bomb, common::png_bomb(50_000, 50_000)).unwrap();
+    let out = fitprune(&["generate", "--image", bomb.to_str().unwrap(), "--max-tokens", "1"], cache.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("50000x50000") && stderr.contains("pixels"), "{stderr}");
 }

@@ -1,5 +1,6 @@
 //! Every limit and malformed input answers with the right status and OpenAI's error JSON.
 
+mod common;
 mod http_common;
 
 use http_common::*;
@@ -127,31 +128,12 @@ async fn body_and_image_limits() {
 #[tokio::test]
 async fn a_decompression_bomb_is_refused_from_its_header() {
     let server = start(&[]).await;
-    // A 4 KB PNG that declares 50000 x 50000 pixels (2.5 GP).
-    let img = image::GrayImage::new(1, 1);
-    let mut small = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut small, image::ImageFormat::Png).unwrap();
-    let mut bomb = small.into_inner();
-    // Patch width/height in IHDR (bytes 16..24) and its CRC (bytes 29..33).
-    bomb[16..20].copy_from_slice(&50_000u32.to_be_bytes());
-    bomb[20..24].copy_from_slice(&50_000u32.to_be_bytes());
-    let crc = crc32(&bomb[12..29]);
-    bomb[29..33].copy_from_slice(&crc.to_be_bytes());
+    // A small PNG that declares 50000 x 50000 pixels (2.5 GP).
+    let bomb = common::png_bomb(50_000, 50_000);
     let (status, _, body) = server.chat(&with_messages(user_with_images("x", &[&data_url(&bomb)]))).await;
     let e = assert_error(status, &body, 400, Some("messages[0].content[0].image_url.url"));
     assert_eq!(e["code"], "image_too_many_pixels");
     assert!(e["message"].as_str().unwrap().contains("50000x50000"), "{e}");
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
 }
 
 #[tokio::test]

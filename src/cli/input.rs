@@ -32,7 +32,7 @@ pub fn parse_dtype(s: &str, device: &Device) -> anyhow::Result<DType> {
     Ok(dtype)
 }
 
-/// Reads an image from a local path or an http(s) URL (at most 32 MiB).
+/// Reads an image from a local path or an http(s) URL (at most 32 MiB, 40 megapixels).
 pub fn load_image(src: &str) -> anyhow::Result<DynamicImage> {
     let bytes = if src.starts_with("http://") || src.starts_with("https://") {
         let resp = ureq::get(src)
@@ -45,5 +45,8 @@ pub fn load_image(src: &str) -> anyhow::Result<DynamicImage> {
     } else {
         std::fs::read(src).with_context(|| format!("reading {src}"))?
     };
-    image::load_from_memory(&bytes).with_context(|| format!("decoding {src}"))
+    // The server's decoder: format check and the default pixel limit, read from the header
+    // before anything is allocated, so a tiny file declaring a huge canvas is refused.
+    crate::validation::images::decode(&bytes, src, &crate::validation::ImageLimits::default())
+        .map_err(|e| anyhow::anyhow!("{src}: {e}"))
 }
