@@ -190,14 +190,7 @@ async fn stop_strings_end_the_text_before_them() {
 #[tokio::test]
 async fn pruning_by_budget_and_recipe_id_from_the_recipes_file() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("recipes.json");
-    // The demo decoder has 4 layers and 144 visual tokens per image.
-    std::fs::write(
-        &file,
-        r#"[{"id": "r30", "budget": 0.3, "deletions": [0, 20, 10, 0]},
-            {"id": "r60", "budget": 0.6, "deletions": [40, 30, 10, 0]}]"#,
-    )
-    .unwrap();
+    let file = demo_recipes_file(dir.path());
     let server = start(&["--recipes", file.to_str().unwrap()]).await;
     let messages = user_with_images("What is this?", &[&data_url(&png(32, 32))]);
     let with = |pruning: Value| {

@@ -236,13 +236,7 @@ fn mixed_requests() -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_requests_are_prefilled_in_one_batch_with_the_answers_they_get_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("recipes.json");
-    std::fs::write(
-        &file,
-        r#"[{"id": "r30", "budget": 0.3, "deletions": [0, 20, 10, 0]},
-            {"id": "r60", "budget": 0.6, "deletions": [40, 30, 10, 0]}]"#,
-    )
-    .unwrap();
+    let file = demo_recipes_file(dir.path());
     let recipes = file.to_str().unwrap();
     let mut answers = Vec::new();
     for batch_tokens in ["4096", "1"] {

@@ -229,3 +229,16 @@ pub fn assert_error(status: StatusCode, body: &Value, want: u16, param: Option<&
     }
     e.clone()
 }
+
+/// Writes two recipes for the demo model (4 layers, 144 visual tokens per image) to
+/// `dir/recipes.json`: `r30` (budget 0.3, keeps 114) and `r60` (budget 0.6, keeps 64).
+pub fn demo_recipes_file(dir: &Path) -> PathBuf {
+    let file = dir.join("recipes.json");
+    std::fs::write(
+        &file,
+        r#"[{"id": "r30", "budget": 0.3, "deletions": [0, 20, 10, 0]},
+            {"id": "r60", "budget": 0.6, "deletions": [40, 30, 10, 0]}]"#,
+    )
+    .unwrap();
+    file
+}
