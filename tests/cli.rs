@@ -16,6 +16,15 @@ fn fitprune(args: &[&str], cache: &Path) -> std::process::Output {
         .expect("run fitprune")
 }
 
+/// `fitprune calibrate` on `model` with `dataset`, images from the parity fixtures, plus `extra`.
+fn calibrate(model: &Path, dataset: &Path, extra: &[&str], cache: &Path) -> std::process::Output {
+    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
+    let mut args = vec!["calibrate", "--model", model.to_str().unwrap(), "--dataset", dataset.to_str().unwrap()];
+    args.extend(["--image-dir", images.to_str().unwrap()]);
+    args.extend(extra);
+    fitprune(&args, cache)
+}
+
 fn image(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity").join(name).display().to_string()
 }
@@ -39,7 +48,6 @@ fn calibrate_then_generate_pruned() {
     let work = tempfile::tempdir().unwrap();
     let model = work.path().join("model");
     assert!(fitprune(&["demo-model", model.to_str().unwrap()], cache.path()).status.success());
-    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
     let dataset = work.path().join("calib.jsonl");
     std::fs::write(
         &dataset,
@@ -48,22 +56,7 @@ fn calibrate_then_generate_pruned() {
     )
     .unwrap();
     let recipes = work.path().join("recipes.json");
-    let out = fitprune(
-        &[
-            "calibrate",
-            "--model",
-            model.to_str().unwrap(),
-            "--dataset",
-            dataset.to_str().unwrap(),
-            "--image-dir",
-            images.to_str().unwrap(),
-            "--budgets",
-            "0.3,0.6",
-            "--out",
-            recipes.to_str().unwrap(),
-        ],
-        cache.path(),
-    );
+    let out = calibrate(&model, &dataset, &["--budgets", "0.3,0.6", "--out", recipes.to_str().unwrap()], cache.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("layer evaluations"), "{stderr}");
@@ -114,19 +107,7 @@ fn a_bad_dataset_line_is_named() {
     let dataset = work.path().join("bad.jsonl");
     std::fs::write(&dataset, "{\"question_id\": 1, \"image\": \"wide.png\", \"text\": \"ok\"}\n{\"question_id\": 2}\n")
         .unwrap();
-    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
-    let out = fitprune(
-        &[
-            "calibrate",
-            "--model",
-            model.to_str().unwrap(),
-            "--dataset",
-            dataset.to_str().unwrap(),
-            "--image-dir",
-            images.to_str().unwrap(),
-        ],
-        cache.path(),
-    );
+    let out = calibrate(&model, &dataset, &[], cache.path());
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("line 2"), "{stderr}");

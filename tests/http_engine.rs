@@ -116,6 +116,20 @@ impl Stepper {
     }
 }
 
+/// Lets the engine run one round at a time until it has cancelled a client that went away.
+async fn step_until_cancelled(server: &TestServer, stepper: &Stepper) {
+    let cancelled = r#"fitprune_requests_cancelled_total{reason="client_gone"}"#;
+    let metrics = server.state.metrics.clone();
+    let is_cancelled = move || metric(&metrics.render().unwrap(), cancelled) == Some(1.0);
+    let mut rounds = 0;
+    while !is_cancelled() {
+        assert!(rounds < 40, "not cancelled after {rounds} more rounds");
+        stepper.grant(1);
+        rounds += 1;
+        eventually("the round ran", || stepper.blocked() || is_cancelled()).await;
+    }
+}
+
 fn post(server: &TestServer, body: &Value) -> reqwest::RequestBuilder {
     server.client.post(format!("{}/v1/chat/completions", server.base)).json(body)
 }
@@ -155,16 +169,7 @@ async fn a_client_that_disconnects_mid_stream_is_cancelled_and_frees_its_slot() 
     assert_eq!(metric(&text, "fitprune_requests_running"), Some(1.0), "the stream is mid-generation");
     drop(body);
     // Let the engine step one round at a time until it notices the client is gone.
-    let cancelled = r#"fitprune_requests_cancelled_total{reason="client_gone"}"#;
-    let metrics = server.state.metrics.clone();
-    let is_cancelled = move || metric(&metrics.render().unwrap(), cancelled) == Some(1.0);
-    let mut rounds = 0;
-    while !is_cancelled() {
-        assert!(rounds < 40, "not cancelled after {rounds} more rounds");
-        stepper.grant(1);
-        rounds += 1;
-        eventually("the round ran", || stepper.blocked() || is_cancelled()).await;
-    }
+    step_until_cancelled(&server, &stepper).await;
     let text = server.metrics().await;
     assert_eq!(metric(&text, "fitprune_requests_running"), Some(0.0));
     assert!(metric(&text, "fitprune_generation_tokens_total").unwrap() < 50.0);
@@ -183,16 +188,7 @@ async fn a_dropped_connection_cancels_a_non_streaming_request() {
     let gave_up = post(&server, &req).timeout(Duration::from_millis(300)).send().await;
     assert!(gave_up.is_err_and(|e| e.is_timeout()));
     eventually("two rounds ran", || stepper.blocked()).await;
-    let cancelled = r#"fitprune_requests_cancelled_total{reason="client_gone"}"#;
-    let metrics = server.state.metrics.clone();
-    let is_cancelled = move || metric(&metrics.render().unwrap(), cancelled) == Some(1.0);
-    let mut rounds = 0;
-    while !is_cancelled() {
-        assert!(rounds < 40, "not cancelled after {rounds} more rounds");
-        stepper.grant(1);
-        rounds += 1;
-        eventually("the round ran", || stepper.blocked() || is_cancelled()).await;
-    }
+    step_until_cancelled(&server, &stepper).await;
     assert_eq!(metric(&server.metrics().await, "fitprune_requests_running"), Some(0.0));
 }
 

@@ -159,8 +159,8 @@ impl Worker {
         }
     }
 
-    /// Waiting requests to prefill together, in arrival order: at most `free`, and while the
-    /// padded batch (count × longest prompt) stays within the prefill token budget. Requests whose
+    /// Waiting requests to prefill together, in arrival order: at most `free`, and while count ×
+    /// longest prompt (a bound on the batch's tokens) stays within the prefill token budget. Requests whose
     /// client left or whose deadline passed are ended here instead.
     fn next_prefill_batch(&mut self, free: usize) -> Vec<Queued> {
         let limit = self.shared.config.max_batch_prefill_tokens;

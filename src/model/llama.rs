@@ -29,6 +29,17 @@ pub trait DecoderHook {
     fn on_attention(&mut self, layer: usize, probs: &Tensor, positions: &[u32]) -> Result<Option<Vec<u32>>>;
 }
 
+/// Checks a hook's answer: ascending, in range, not empty.
+pub(super) fn check_keep(keep: &[u32], rows: usize) -> Result<()> {
+    let ascending = keep.windows(2).all(|w| w[0] < w[1]);
+    if keep.is_empty() || !ascending || keep.last().is_some_and(|&k| k as usize >= rows) {
+        return Err(super::ModelError::InvalidInput(format!(
+            "a decoder hook must keep an ascending, non-empty subset of the {rows} rows"
+        )));
+    }
+    Ok(())
+}
+
 /// A hook that observes nothing and prunes nothing.
 pub struct NoHook;
 
@@ -396,7 +407,7 @@ impl Llama {
                 None => None,
             };
             if let Some(keep) = &keep {
-                super::llama_batch::check_keep(keep, step.positions.len())?;
+                check_keep(keep, step.positions.len())?;
             }
             let keep_idx = match keep {
                 Some(keep) if keep.len() < step.positions.len() => {

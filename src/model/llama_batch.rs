@@ -10,7 +10,7 @@
 
 use candle_core::{Device, Module, Tensor};
 
-use super::llama::{position_mask, DecoderHook, DecoderOutput, KvCache, Llama};
+use super::llama::{check_keep, position_mask, DecoderHook, DecoderOutput, KvCache, Llama};
 use super::{ModelError, Result};
 
 /// One sequence of a batched prefill.
@@ -61,17 +61,6 @@ impl Packing {
         }
         Ok(self.masks[i].clone().flatten())
     }
-}
-
-/// Checks a hook's answer: ascending, in range, not empty.
-pub(super) fn check_keep(keep: &[u32], rows: usize) -> Result<()> {
-    let ascending = keep.windows(2).all(|w| w[0] < w[1]);
-    if keep.is_empty() || !ascending || keep.last().is_some_and(|&k| k as usize >= rows) {
-        return Err(ModelError::InvalidInput(format!(
-            "a decoder hook must keep an ascending, non-empty subset of the {rows} rows"
-        )));
-    }
-    Ok(())
 }
 
 impl Llama {

@@ -245,11 +245,7 @@ impl LlavaModel {
     /// [`Self::input_embeds`] for several prompts, with one vision-tower pass over all images.
     pub fn input_embeds_batch(&self, prompts: &[&PreparedPrompt]) -> Result<Vec<Tensor>> {
         let pixels: Vec<&Tensor> = prompts.iter().filter_map(|p| p.pixel_values.as_ref()).collect();
-        let mut feats = match pixels.len() {
-            0 => None,
-            1 => Some(self.image_features(pixels[0])?),
-            _ => Some(self.image_features(&Tensor::cat(&pixels, 0)?)?),
-        };
+        let mut feats = if pixels.is_empty() { None } else { Some(self.image_features(&Tensor::cat(&pixels, 0)?)?) };
         let mut offset = 0;
         prompts
             .iter()
