@@ -46,13 +46,19 @@ pub struct ServeArgs {
     /// Requests allowed to wait for a running slot; more get 429.
     #[arg(long, env = "FITPRUNE_MAX_WAITING", default_value_t = 64)]
     pub max_waiting: usize,
-    /// Sequences decoded concurrently (round-robin, one token each per round).
+    /// Most sequences running at once; all of them advance one token per engine step in one
+    /// batched decode pass.
     #[arg(long, env = "FITPRUNE_MAX_RUNNING", default_value_t = 8)]
     pub max_running: usize,
-    /// Waiting requests prefilled in one batched pass while (count × longest prompt, images
-    /// included) stays within this many tokens; 1 prefills one request at a time.
+    /// Waiting requests prefilled in one batched pass while their prompt tokens (images
+    /// included, summed) stay within this many; 1 prefills one request at a time.
     #[arg(long, env = "FITPRUNE_MAX_BATCH_PREFILL_TOKENS", default_value_t = 4096)]
     pub max_batch_prefill_tokens: usize,
+    /// MiB of KV cache all running sequences may hold (default: 2048 on a CPU, 70% of the
+    /// device memory free after loading on CUDA). A request starts only when what it will hold
+    /// fits: its pruned per-layer prompt rows plus max_tokens, so pruned requests cost less.
+    #[arg(long, env = "FITPRUNE_KV_CACHE_MIB")]
+    pub kv_cache_mib: Option<u64>,
     /// Seconds a request may take, queue wait included.
     #[arg(long, env = "FITPRUNE_REQUEST_TIMEOUT", default_value_t = 600.0)]
     pub request_timeout: f64,
@@ -219,7 +225,13 @@ impl ServeArgs {
                 max_running: positive("max-running", self.max_running)?,
                 request_timeout: seconds("request-timeout", self.request_timeout)?,
                 max_batch_prefill_tokens: positive("max-batch-prefill-tokens", self.max_batch_prefill_tokens)?,
+                kv_cache_bytes: match self.kv_cache_mib {
+                    Some(0) => return Err(ConfigError { flag: "kv-cache-mib", message: "must be at least 1".into() }),
+                    Some(mib) => Some(mib.saturating_mul(1 << 20)),
+                    None => None,
+                },
                 round_hook: None,
+                fault: None,
             },
             images,
             max_body_bytes: positive("max-body-bytes", self.max_body_bytes)?,

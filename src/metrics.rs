@@ -24,8 +24,8 @@ const TPOT_BUCKETS: &[f64] =
     &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
 /// FLOPs reduction ratio buckets.
 const RATIO_BUCKETS: &[f64] = &[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
-/// Prefill batch size buckets (requests per batched prefill).
-const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0];
+/// Batch size buckets (requests per batched prefill or decode pass).
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0];
 
 /// Errors while registering or encoding metrics.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +68,22 @@ pub struct Metrics {
     pub calibration_duration: Histogram,
     /// Recipes in the store.
     pub recipes_stored: IntGauge,
+    /// Engine scheduling and KV-cache series (see [`EngineMetrics`]).
+    pub engine: EngineMetrics,
     model_info: IntGaugeVec,
+}
+
+/// The engine step and its KV-cache memory.
+#[derive(Clone)]
+pub struct EngineMetrics {
+    /// KV-cache bytes, `kind` = used (held by running sequences) | capacity.
+    pub kv_cache_bytes: IntGaugeVec,
+    /// Cache entries (tokens × layers) not stored thanks to pruning.
+    pub kv_tokens_saved: IntCounter,
+    /// Sequences advanced together in one batched decode pass.
+    pub decode_batch_size: Histogram,
+    /// Wall time of each engine step's passes, `phase` = prefill | decode.
+    pub step_duration: HistogramVec,
 }
 
 /// Counters of tokens flowing through the engine.
@@ -145,6 +160,33 @@ impl Metrics {
             &["model", "device", "dtype"],
         )?;
         registry.register(Box::new(model_info.clone()))?;
+        let kv_cache_bytes = IntGaugeVec::new(
+            Opts::new(
+                "fitprune_kv_cache_bytes",
+                "KV-cache bytes held by running sequences (used) and available (capacity)",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(kv_cache_bytes.clone()))?;
+        let step_duration = HistogramVec::new(
+            HistogramOpts::new("fitprune_engine_step_seconds", "Wall time of an engine step's batched pass, by phase")
+                .buckets(TTFT_BUCKETS.to_vec()),
+            &["phase"],
+        )?;
+        registry.register(Box::new(step_duration.clone()))?;
+        let engine = EngineMetrics {
+            kv_cache_bytes,
+            kv_tokens_saved: counter(
+                "fitprune_kv_tokens_saved_total",
+                "KV-cache entries (tokens x layers) not stored thanks to pruning",
+            )?,
+            decode_batch_size: histogram(
+                "fitprune_decode_batch_size",
+                "Sequences advanced together in one decode pass",
+                BATCH_BUCKETS,
+            )?,
+            step_duration,
+        };
         let tokens = TokenCounters {
             prompt: counter("fitprune_prompt_tokens_total", "Prompt tokens prefilled, image tokens included")?,
             image: counter("fitprune_image_tokens_total", "Visual tokens in prompts")?,
@@ -189,6 +231,7 @@ impl Metrics {
                 CALIBRATION_BUCKETS,
             )?,
             recipes_stored: gauge("fitprune_recipes_stored", "Recipes in the store")?,
+            engine,
             model_info,
             registry,
         };
@@ -207,6 +250,12 @@ impl Metrics {
         }
         for pruned in ["true", "false"] {
             self.prefill_duration.with_label_values(&[pruned]);
+        }
+        for kind in ["used", "capacity"] {
+            self.engine.kv_cache_bytes.with_label_values(&[kind]);
+        }
+        for phase in ["prefill", "decode"] {
+            self.engine.step_duration.with_label_values(&[phase]);
         }
     }
 

@@ -14,9 +14,9 @@ use tracing::{info, warn};
 use crate::api::admin::AdminState;
 use crate::api::{build_app, ApiSettings, AppState};
 use crate::config::ServerConfig;
-use crate::engine::calibration::CalibrationJobs;
 use crate::engine::recipes::{FileRecipes, RecipeSource};
 use crate::engine::{Engine, EngineState, LoadedModel};
+use crate::jobs::calibration::CalibrationJobs;
 use crate::metrics::Metrics;
 use crate::model::llava::LoadOptions;
 use crate::model::{source, LlavaModel};
@@ -63,8 +63,7 @@ pub async fn start(cfg: &ServerConfig) -> anyhow::Result<(AppState, JoinHandle<(
     }
     metrics.recipes_stored.set(store::recipes::count(&pool).await?);
     let db = Arc::new(DbRecipes::new(pool.clone()).with_file(recipes.clone()));
-    let (jobs, _calibration_thread) =
-        CalibrationJobs::start(pool, engine.clone(), db.clone(), metrics.clone(), cfg.calibration_cache_bytes)?;
+    let jobs = CalibrationJobs::start(pool, engine.clone(), db.clone(), metrics.clone(), cfg.calibration_cache_bytes)?;
     let admin = AdminState { token: cfg.admin_token.clone(), recipes: db.clone(), jobs };
     let source: Arc<dyn RecipeSource> = db;
     let state = AppState {
@@ -97,6 +96,7 @@ pub async fn serve(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let engine = state.engine.clone();
+    let jobs = state.admin.as_ref().map(|a| a.jobs.clone());
     let (signalled_tx, mut signalled_rx) = tokio::sync::watch::channel(false);
     let drain_engine = engine.clone();
     let server = axum::serve(listener, build_app(state)).with_graceful_shutdown(async move {
@@ -121,6 +121,11 @@ pub async fn serve(
     engine.shutdown();
     drop(engine);
     tokio::task::spawn_blocking(move || worker.join()).await?.map_err(|_| anyhow::anyhow!("engine thread panicked"))?;
+    // The engine no longer runs layer evaluations, so a job in flight ends now; wait until its
+    // end is recorded.
+    if let Some(jobs) = jobs {
+        tokio::task::spawn_blocking(move || jobs.stop_and_join()).await?;
+    }
     info!("stopped");
     Ok(())
 }

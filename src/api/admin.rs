@@ -1,7 +1,7 @@
 //! Admin API (Bearer token): calibration jobs and the recipe store.
 //!
 //! Handlers only validate, call the store or the calibration thread, and answer; calibration
-//! itself runs in `engine::calibration`.
+//! itself runs in `jobs::calibration`.
 
 use std::sync::Arc;
 
@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::engine::calibration::{CalibrationJobs, CalibrationRequest, CalibrationSample};
+use crate::jobs::calibration::{CalibrationJobs, CalibrationRequest, CalibrationSample};
 use crate::pruning::dataset::load_dataset;
 use crate::pruning::recipe::{authors_scheme, authors_scheme_names, ModelShape};
 use crate::pruning::Recipe;

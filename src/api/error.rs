@@ -132,6 +132,11 @@ impl From<EngineError> for ApiError {
             EngineError::ShuttingDown => unavailable("shutting_down", &e),
             EngineError::Stopped => unavailable("engine_stopped", &e),
             EngineError::Timeout(_) => unavailable("request_timeout", &e),
+            EngineError::Schedule(ref s) => Self::BadRequest {
+                message: s.to_string(),
+                param: Some("max_tokens".into()),
+                code: Some("kv_cache_exceeded".into()),
+            },
             EngineError::Model(m) => m.into(),
         }
     }

@@ -19,6 +19,7 @@ use crate::pruning::calibrate::{calibrate, CalibrateOptions, Silent};
 use crate::pruning::flops::FlopsModel;
 use crate::pruning::PruneHook;
 
+use super::bench_serve::{self, ConcurrencyBench};
 use super::input::{parse_device, parse_dtype};
 
 /// Arguments of `bench`.
@@ -51,6 +52,13 @@ pub struct BenchArgs {
     /// Prompts in the batched-prefill comparison (one batch vs one at a time); 0 skips it.
     #[arg(long, default_value_t = 4)]
     batch: usize,
+    /// Instead of the prefill tables: the engine under this many concurrent requests each
+    /// (e.g. 1,2,4,8,16), decoding --decode-tokens each, unpruned and at each --budgets value.
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// KV-cache MiB for the admission count of --concurrency (default: room for 4 unpruned).
+    #[arg(long)]
+    kv_cache_mib: Option<u64>,
 }
 
 /// One budget's measurements over the repetitions.
@@ -95,6 +103,16 @@ const QUESTIONS: [&str; 4] = [
     "Which object is closest to the camera?",
 ];
 
+/// Bench prompt `i`: a synthetic image at the model's input size and one of the questions.
+fn bench_prompt(model: &LlavaModel, i: usize) -> anyhow::Result<PreparedPrompt> {
+    let side = model.config().vision_config.image_size as u32;
+    let msg = ChatMessage {
+        role: "user".into(),
+        content: vec![ContentPart::Image, ContentPart::Text(QUESTIONS[i % QUESTIONS.len()].into())],
+    };
+    Ok(model.prepare(&[msg], &[synthetic_image(i as u64, side)])?)
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.reps == 0 || args.samples == 0 {
         bail!("--reps and --samples must be positive");
@@ -112,15 +130,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             dir
         }
     };
-    let model = LlavaModel::load(&dir, LoadOptions { device, dtype, pad_to_square: false })?;
-    let side = model.config().vision_config.image_size as u32;
-    let prompt_for = |i: usize| -> anyhow::Result<PreparedPrompt> {
-        let msg = ChatMessage {
-            role: "user".into(),
-            content: vec![ContentPart::Image, ContentPart::Text(QUESTIONS[i % QUESTIONS.len()].into())],
-        };
-        Ok(model.prepare(&[msg], &[synthetic_image(i as u64, side)])?)
-    };
+    let options = LoadOptions { device, dtype, pad_to_square: false };
+    let model = LlavaModel::load(&dir, options.clone())?;
+    let prompt_for = |i: usize| bench_prompt(&model, i);
     let calib: Vec<PreparedPrompt> = (0..args.samples).map(|i| prompt_for(i + 1)).collect::<anyhow::Result<_>>()?;
     let started = Instant::now();
     let fitted = calibrate(
@@ -140,8 +152,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         c.naive_layers as f64 / c.layers().max(1.0)
     );
 
-    let prompt = prompt_for(0)?;
     let flops = FlopsModel::from_config(&model.config().text_config);
+    if !args.concurrency.is_empty() {
+        let mut rows = vec![(0.0, vec![0; flops.layers])];
+        rows.extend(fitted.budgets.iter().filter(|b| b.alpha.is_some()).map(|b| (b.budget, b.deletions.clone())));
+        drop(model);
+        let bench = ConcurrencyBench {
+            concurrency: args.concurrency.clone(),
+            max_tokens: args.decode_tokens,
+            rows,
+            kv_cache_mib: args.kv_cache_mib,
+        };
+        return bench_serve::run(&dir, options, &bench, &bench_prompt);
+    }
+    let prompt = prompt_for(0)?;
     let n = prompt.visual_tokens() as u64;
     let text_rows = prompt.input_ids.len() as u64 - n;
     let mut rows = vec![(0.0, vec![0; flops.layers])];

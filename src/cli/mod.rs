@@ -1,6 +1,7 @@
 //! The `fitprune` command line: argument definitions and dispatch (each command in its own file).
 
 mod bench;
+mod bench_serve;
 mod calibrate;
 mod demo;
 mod generate;

@@ -6,6 +6,7 @@ use crate::model::fingerprint::fingerprint;
 use crate::model::{LlavaModel, ModelError};
 use crate::pruning::FlopsModel;
 
+use super::kv::KvLayout;
 use super::token_bytes::TokenBytes;
 
 /// Facts about the loaded model.
@@ -29,6 +30,8 @@ pub struct ModelInfo {
     pub dtype: String,
     /// FLOPs model of the decoder, for pruning reports.
     pub flops: FlopsModel,
+    /// KV-cache geometry, for memory accounting.
+    pub kv: KvLayout,
 }
 
 /// The model and its facts; the engine thread runs it, other threads only read.
@@ -55,6 +58,12 @@ impl LoadedModel {
             device,
             dtype: model.options().dtype.as_str().to_string(),
             flops: FlopsModel::from_config(&cfg.text_config),
+            kv: KvLayout::new(
+                cfg.text_config.num_hidden_layers,
+                cfg.text_config.kv_heads(),
+                cfg.text_config.head_dim(),
+                model.options().dtype.size_in_bytes(),
+            ),
         };
         let token_bytes = TokenBytes::new(model.tokenizer());
         Ok(Self { model: Arc::new(model), info, token_bytes })

@@ -13,6 +13,7 @@ use crate::metrics::Metrics;
 use crate::model::{LlavaModel, ModelError, PreparedPrompt};
 use crate::pruning::Recipe;
 
+use super::scheduler::ScheduleError;
 use super::sequence::{FinishReason, GeneratedToken, GenerationParams};
 use super::worker::{self, LoadedModel};
 
@@ -21,15 +22,20 @@ use super::worker::{self, LoadedModel};
 pub struct EngineConfig {
     /// Requests that may wait for a running slot; one more is refused.
     pub max_waiting: usize,
-    /// Sequences decoded concurrently (round-robin, one token each per round).
+    /// Most sequences running at once (each advances one token per engine step).
     pub max_running: usize,
     /// Deadline per request, queue wait included.
     pub request_timeout: Duration,
-    /// Waiting requests are prefilled together while (count × longest prompt) stays within this
-    /// many tokens; one request is always admitted, so 1 disables batching.
+    /// Waiting requests are prefilled together while their prompt tokens (summed) stay within
+    /// this many; one request is always admitted, so 1 disables batching.
     pub max_batch_prefill_tokens: usize,
-    /// Called before every scheduling round (not set by the CLI).
+    /// KV-cache bytes all running sequences may hold; `None` = the device default
+    /// (`engine::worker::default_kv_capacity`).
+    pub kv_cache_bytes: Option<u64>,
+    /// Called before every engine step (not set by the CLI).
     pub round_hook: Option<RoundHook>,
+    /// Makes chosen passes fail, to test the fault paths (not set by the CLI).
+    pub fault: Option<FaultInjector>,
 }
 
 impl Default for EngineConfig {
@@ -39,20 +45,45 @@ impl Default for EngineConfig {
             max_running: 8,
             request_timeout: Duration::from_secs(600),
             max_batch_prefill_tokens: 4096,
+            kv_cache_bytes: None,
             round_hook: None,
+            fault: None,
         }
     }
 }
 
-/// A callback the engine thread runs before each scheduling round (one admission and one decode
-/// step per running sequence). Tests block in it to single-step the scheduler, so "mid-stream"
-/// states are deterministic; blocking in it blocks the whole engine.
+/// A callback the engine thread runs before each engine step (schedule, one batched prefill
+/// and/or one batched decode pass, update). Tests block in it to single-step the engine, so
+/// "mid-stream" states are deterministic; blocking in it blocks the whole engine.
 #[derive(Clone)]
 pub struct RoundHook(pub Arc<dyn Fn() + Send + Sync>);
 
 impl std::fmt::Debug for RoundHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("RoundHook")
+    }
+}
+
+/// Which pass of an engine step a [`FaultInjector`] is asked about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// A (batched) prefill.
+    Prefill,
+    /// A (batched) decode.
+    Decode,
+}
+
+/// Decides whether a pass of `Phase` over these request ids fails.
+pub type FaultRule = dyn Fn(Phase, &[&str]) -> bool + Send + Sync;
+
+/// A test seam: called with the phase and the request ids of every pass before it runs;
+/// answering `true` makes that pass fail as a device error would.
+#[derive(Clone)]
+pub struct FaultInjector(pub Arc<FaultRule>);
+
+impl std::fmt::Debug for FaultInjector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FaultInjector")
     }
 }
 
@@ -77,6 +108,9 @@ pub enum EngineError {
     /// The worker thread is gone.
     #[error("the engine has stopped")]
     Stopped,
+    /// The request can never be scheduled (it needs more KV cache than there is).
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
     /// The model rejected the input or failed.
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -134,8 +168,9 @@ pub enum Event {
     Failed(EngineError),
 }
 
-/// Low-priority work (calibration jobs, issue 5): one bounded slice per call, run only when no
-/// chat request is waiting or running, so interactive latency is never behind a whole job.
+/// Low-priority work (a calibration job's layer evaluations): one bounded slice per engine step,
+/// run only in steps with no chat work waiting or running, so a chat request waits at most for
+/// the one slice in flight when it arrived.
 pub trait BackgroundWork: Send {
     /// Runs one slice (e.g. one calibration forward pass); `false` when the work is done.
     fn step(&mut self, model: &LlavaModel) -> bool;

@@ -153,6 +153,7 @@ mod tests {
             device: "cpu".into(),
             dtype: "f32".into(),
             flops: FlopsModel::llava15_7b(),
+            kv: crate::engine::kv::KvLayout::new(2, 1, 8, 4),
         }
     }
 

@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use candle_core::Tensor;
 use tokenizers::Tokenizer;
 
 use crate::model::llama::{DecoderHook, KvCache};
@@ -78,6 +79,22 @@ pub struct Generation {
     pub timings: Timings,
 }
 
+/// Tokens a sequence can generate: `max_tokens`, capped by the context left after the prompt.
+pub fn token_budget(max_tokens: usize, prompt_tokens: usize, max_context: usize) -> usize {
+    max_tokens.min(max_context.saturating_sub(prompt_tokens))
+}
+
+/// Decode tokens a sequence's caches must hold beyond its prefill rows: every generated token
+/// but the last is fed back through one decode pass.
+pub fn decode_growth_for(max_tokens: usize, prompt_tokens: usize, max_context: usize) -> usize {
+    token_budget(max_tokens, prompt_tokens, max_context).saturating_sub(1)
+}
+
+fn decode_growth(model: &LlavaModel, prompt: &PreparedPrompt, params: &GenerationParams) -> usize {
+    let max_pos = model.config().text_config.max_position_embeddings;
+    decode_growth_for(params.max_tokens, prompt.input_ids.len(), max_pos)
+}
+
 /// One prompt entering a batched prefill.
 pub struct SequenceStart<'a> {
     /// The prompt.
@@ -120,9 +137,10 @@ impl Sequence {
     ) -> Result<Self, ModelError> {
         Self::check_fits(model, prompt)?;
         let start = Instant::now();
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache_with_growth(decode_growth(model, prompt, params));
         let prefill = model.prefill(prompt, &mut cache, hook)?;
-        Self::from_prefill(model, prompt, params, cache, &prefill, start.elapsed())
+        let logits = prefill.logits.to_vec1::<f32>()?;
+        Self::from_prefill(model, prompt, params, cache, &prefill, logits, start.elapsed())
     }
 
     /// Prefills several prompts in one batched pass ([`LlavaModel::prefill_batch`]), each with its
@@ -133,7 +151,8 @@ impl Sequence {
             Self::check_fits(model, s.prompt)?;
         }
         let start = Instant::now();
-        let mut caches: Vec<KvCache> = starts.iter().map(|_| model.new_cache()).collect();
+        let mut caches: Vec<KvCache> =
+            starts.iter().map(|s| model.new_cache_with_growth(decode_growth(model, s.prompt, s.params))).collect();
         let mut items: Vec<PrefillItem<'_>> = starts
             .iter_mut()
             .zip(caches.iter_mut())
@@ -141,12 +160,17 @@ impl Sequence {
             .collect();
         let prefills = model.prefill_batch(&mut items)?;
         drop(items);
+        // One device-to-host copy for the whole batch's logits.
+        let rows: Vec<&Tensor> = prefills.iter().map(|p| &p.logits).collect();
+        let logits = if rows.is_empty() { Vec::new() } else { Tensor::stack(&rows, 0)?.to_vec2::<f32>()? };
         let elapsed = start.elapsed();
         starts
             .iter()
             .zip(caches)
-            .zip(&prefills)
-            .map(|((s, cache), prefill)| Self::from_prefill(model, s.prompt, s.params, cache, prefill, elapsed))
+            .zip(prefills.iter().zip(logits))
+            .map(|((s, cache), (prefill, logits))| {
+                Self::from_prefill(model, s.prompt, s.params, cache, prefill, logits, elapsed)
+            })
             .collect()
     }
 
@@ -168,11 +192,11 @@ impl Sequence {
         params: &GenerationParams,
         cache: KvCache,
         prefill: &Prefill,
+        logits: Vec<f32>,
         elapsed: Duration,
     ) -> Result<Self, ModelError> {
         let prompt_tokens = prompt.input_ids.len();
         let max_pos = model.config().text_config.max_position_embeddings;
-        let logits = prefill.logits.to_vec1::<f32>()?;
         Ok(Self {
             sampler: Sampler::new(params.sampling.clone()),
             cache,
@@ -186,7 +210,7 @@ impl Sequence {
             tokens: Vec::new(),
             prompt_tokens,
             completion_tokens: 0,
-            budget: params.max_tokens.min(max_pos - prompt_tokens),
+            budget: token_budget(params.max_tokens, prompt_tokens, max_pos),
             finished: (params.max_tokens == 0).then_some(FinishReason::Length),
             prefill_rows_kept: prefill.output.positions.len(),
             timings: Timings { prefill: elapsed, decode: Duration::ZERO },
@@ -203,17 +227,48 @@ impl Sequence {
         self.prompt_tokens
     }
 
-    /// Produces the next token, or `None` once finished. When this step finishes the sequence
-    /// with text still held back for a possible stop string, that text is released with it.
+    /// Produces the next token, or `None` once finished: runs the pending decode alone (a batch
+    /// of one), then samples. A scheduler batches [`Self::decode_input`]s instead.
     pub fn step(&mut self, model: &LlavaModel) -> Result<Option<GeneratedToken>, ModelError> {
+        if let Some((token, position)) = self.decode_input() {
+            let t = Instant::now();
+            let logits = model.decode_batch(&[token], &[position], &mut [&mut self.cache])?;
+            self.set_logits(logits.squeeze(0)?.to_vec1::<f32>()?, t.elapsed());
+        }
+        self.sample(model.tokenizer())
+    }
+
+    /// The token the next decode pass must run and its position, if the sequence needs one
+    /// (it does after every sampled token except the last).
+    pub fn decode_input(&self) -> Option<(u32, u32)> {
+        let token = self.pending.filter(|_| self.finished.is_none())?;
+        Some((token, (self.prompt_tokens + self.completion_tokens - 1) as u32))
+    }
+
+    /// The sequence's KV cache (a decode pass appends to it).
+    pub fn cache_mut(&mut self) -> &mut KvCache {
+        &mut self.cache
+    }
+
+    /// The sequence's KV cache.
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// Hands over the logits the decode of [`Self::decode_input`] produced (`decode` is this
+    /// sequence's share of the pass's time).
+    pub fn set_logits(&mut self, logits: Vec<f32>, decode: Duration) {
+        self.pending = None;
+        self.logits = Some(logits);
+        self.timings.decode += decode;
+    }
+
+    /// Samples the next token from the logits at hand, or `None` once finished (or while a
+    /// decode is still pending). When this finishes the sequence with text still held back for
+    /// a possible stop string, that text is released with it.
+    pub fn sample(&mut self, tokenizer: &Tokenizer) -> Result<Option<GeneratedToken>, ModelError> {
         if self.finished.is_some() {
             return Ok(None);
-        }
-        if let Some(token) = self.pending.take() {
-            let t = Instant::now();
-            let position = (self.prompt_tokens + self.completion_tokens - 1) as u32;
-            self.logits = Some(model.decode(token, position, &mut self.cache)?.to_vec1::<f32>()?);
-            self.timings.decode += t.elapsed();
         }
         let Some(logits) = self.logits.take() else {
             return Ok(None);
@@ -224,7 +279,7 @@ impl Sequence {
             self.finished = Some(FinishReason::Stop);
             return Ok(None);
         }
-        let piece = self.detokenize(model.tokenizer(), choice.token)?;
+        let piece = self.detokenize(tokenizer, choice.token)?;
         let (mut released, stopped) = self.stop.push(&piece);
         if stopped {
             self.finished = Some(FinishReason::Stop);

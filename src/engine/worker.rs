@@ -1,48 +1,82 @@
-//! The engine thread: loads the model, then loops over rounds. Each round takes new commands,
-//! prefills waiting requests into free running slots (several in one batched pass, within a
-//! token budget), and gives every running sequence exactly one decode step, so a long generation
-//! cannot starve the others.
+//! The engine thread: loads the model, then runs engine steps until shut down. One step is
+//! schedule -> execute -> update (vLLM's `EngineCore.step`):
+//! - **schedule**: requests whose client left or whose deadline passed are dropped, then the
+//!   [`Scheduler`] picks which waiting requests start and which running ones advance;
+//! - **execute**: one batched prefill of the newly admitted requests and one batched decode pass
+//!   of every running sequence (sequences prefilled in this step decode from the next one on);
+//! - **update**: each sequence samples from its row of the logits, tokens go to the clients,
+//!   finished sequences leave and free their KV memory.
 //!
-//! Decode is round-robin over single-sequence steps, not batched: each step is its own forward
-//! pass. Background work (calibration) gets a slice only when no chat work exists.
+//! A failed batched pass is retried one sequence at a time (after undoing what it appended to the
+//! caches), so only the sequence that fails alone is failed. Background work (calibration layer
+//! evaluations) gets one slice in a step with no chat work at all.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tracing::{debug, error, info, info_span, warn, Span};
+use tracing::{error, info, warn};
 
 use crate::metrics::CancelReason;
-use crate::model::llama::{DecoderHook, NoHook};
-use crate::pruning::PruneHook;
+use crate::model::{LlavaModel, ModelError};
 
-use super::queue::{
-    BackgroundWork, Command, EngineError, EngineState, Event, FinishReport, Loader, PrefillReport, Queued, Shared,
-};
-use super::sequence::{FinishReason, Sequence, SequenceStart};
+use super::kv::KvDemand;
+use super::queue::{BackgroundWork, Command, EngineError, EngineState, Event, Loader, Phase, Queued, Shared};
+use super::running::Running;
+use super::scheduler::{Demand, Scheduler, SchedulerLimits, SeqId};
+use super::sequence::{decode_growth_for, Sequence};
 
 pub use super::loaded::LoadedModel;
 
-/// A sequence being decoded.
-struct Running {
-    seq: Sequence,
-    events: tokio::sync::mpsc::UnboundedSender<Event>,
-    admitted: Instant,
-    deadline: Instant,
-    first_token: Option<Instant>,
-    last_token: Instant,
-    tokens: usize,
-    span: Span,
+/// KV-cache capacity when `--kv-cache-mib` is not given on a CPU: 2 GiB.
+pub const CPU_DEFAULT_KV_BYTES: u64 = 2 << 30;
+
+/// Fraction of the device memory free after loading that CUDA gives the KV cache by default
+/// (the rest is left for prefill activations: a pruning layer's probabilities alone are
+/// heads × rows² × 4 bytes).
+pub const CUDA_KV_FRACTION: f64 = 0.7;
+
+/// The KV-cache capacity for `device` when none is configured.
+pub fn default_kv_capacity(device: &candle_core::Device) -> u64 {
+    match device {
+        candle_core::Device::Cpu => CPU_DEFAULT_KV_BYTES,
+        _ => cuda_free_bytes().map_or(CPU_DEFAULT_KV_BYTES, |free| (free as f64 * CUDA_KV_FRACTION) as u64),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_free_bytes() -> Option<u64> {
+    use candle_core::cuda_backend::cudarc::driver::result::mem_get_info;
+    match mem_get_info() {
+        Ok((free, _total)) => Some(free as u64),
+        Err(e) => {
+            warn!(error = %e, "cannot query free device memory; pass --kv-cache-mib");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_free_bytes() -> Option<u64> {
+    None
+}
+
+/// A request admitted to the scheduler but not started yet.
+struct Waiting {
+    queued: Queued,
+    demand: KvDemand,
 }
 
 struct Worker {
     loaded: Arc<LoadedModel>,
     shared: Arc<Shared>,
     rx: Receiver<Command>,
-    waiting: VecDeque<Box<Queued>>,
-    running: Vec<Running>,
+    scheduler: Scheduler,
+    waiting: HashMap<SeqId, Waiting>,
+    running: HashMap<SeqId, Running>,
     background: VecDeque<Box<dyn BackgroundWork>>,
+    next_id: SeqId,
     /// All handles are gone: finish what is in flight, then exit.
     disconnected: bool,
 }
@@ -59,16 +93,27 @@ pub(super) fn run(loader: Loader, shared: Arc<Shared>, rx: Receiver<Command>) {
         }
     };
     let info = &loaded.info;
-    info!(model = %info.name, device = %info.device, dtype = %info.dtype, seconds = start.elapsed().as_secs_f64(), "model loaded");
+    let config = &shared.config;
+    let capacity = config.kv_cache_bytes.unwrap_or_else(|| default_kv_capacity(&loaded.model.options().device));
+    info!(model = %info.name, device = %info.device, dtype = %info.dtype, kv_cache_mib = capacity >> 20,
+        seconds = start.elapsed().as_secs_f64(), "model loaded");
     shared.metrics.set_model_info(&info.name, &info.device, &info.dtype);
+    shared.metrics.engine.kv_cache_bytes.with_label_values(&["capacity"]).set(capacity as i64);
     shared.set_state(EngineState::Ready(loaded.clone()));
+    let limits = SchedulerLimits {
+        max_running: config.max_running,
+        max_batch_prefill_tokens: config.max_batch_prefill_tokens,
+        kv_capacity_bytes: capacity,
+    };
     let mut worker = Worker {
         loaded,
         shared: shared.clone(),
         rx,
-        waiting: VecDeque::new(),
-        running: Vec::new(),
+        scheduler: Scheduler::new(limits),
+        waiting: HashMap::new(),
+        running: HashMap::new(),
         background: VecDeque::new(),
+        next_id: 0,
         disconnected: false,
     };
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker.run()));
@@ -82,7 +127,7 @@ pub(super) fn run(loader: Loader, shared: Arc<Shared>, rx: Receiver<Command>) {
 impl Worker {
     fn run(&mut self) {
         loop {
-            let idle = self.running.is_empty() && self.waiting.is_empty() && self.background.is_empty();
+            let idle = self.scheduler.is_idle() && self.background.is_empty();
             if idle && self.disconnected {
                 return;
             }
@@ -97,7 +142,7 @@ impl Worker {
                 }
             }
             // Before taking what arrived, so a test that holds the engine here sees every request
-            // it sent in the next round.
+            // it sent in the next step.
             if let Some(hook) = &self.shared.config.round_hook {
                 (hook.0)();
             }
@@ -115,14 +160,14 @@ impl Worker {
                     }
                 }
             }
-            self.round();
+            self.step();
         }
     }
 
     /// Takes one command; `false` means exit now.
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
-            Command::Chat(q) => self.waiting.push_back(q),
+            Command::Chat(q) => self.enqueue(*q),
             Command::Background(w) => self.background.push_back(w),
             Command::Shutdown => {
                 self.cancel_all();
@@ -132,277 +177,339 @@ impl Worker {
         true
     }
 
-    fn round(&mut self) {
-        let free = self.shared.config.max_running.saturating_sub(self.running.len());
-        if free > 0 && !self.waiting.is_empty() {
-            let batch = self.next_prefill_batch(free);
-            self.start(batch);
-        }
-        let mut i = 0;
-        while i < self.running.len() {
-            if self.step(i) {
-                i += 1;
-            } else {
-                let done = self.running.swap_remove(i);
-                // Update the gauge before the client hears the end, so the two never disagree.
-                self.shared.metrics.running.set(self.running.len() as i64);
-                self.finish(done);
+    /// Computes a request's KV demand and hands it to the scheduler (or refuses it at once if it
+    /// could never fit).
+    fn enqueue(&mut self, queued: Queued) {
+        let job = &queued.job;
+        let info = &self.loaded.info;
+        let prompt_tokens = job.prompt.input_ids.len();
+        let visual = job.prompt.visual_tokens();
+        let deletions = job.recipe.as_ref().filter(|_| visual > 0).map(|r| r.deletions_for(visual));
+        let growth = decode_growth_for(job.params.max_tokens, prompt_tokens, info.max_context);
+        let demand = info.kv.demand(prompt_tokens, visual, deletions.as_deref(), growth);
+        let id = self.next_id;
+        self.next_id += 1;
+        match self.scheduler.enqueue(id, Demand { prompt_tokens, kv_bytes: demand.bytes }) {
+            Ok(()) => {
+                self.waiting.insert(id, Waiting { queued, demand });
+            }
+            Err(e) => {
+                self.shared.left_queue();
+                let _ = queued.events.send(Event::Failed(EngineError::Schedule(e)));
             }
         }
-        self.shared.metrics.running.set(self.running.len() as i64);
-        if self.running.is_empty() && self.waiting.is_empty() {
+    }
+
+    /// One engine step.
+    fn step(&mut self) {
+        self.drop_abandoned();
+        let plan = self.scheduler.schedule();
+        if plan.is_empty() {
             if let Some(work) = self.background.front_mut() {
                 if !work.step(&self.loaded.model) {
                     self.background.pop_front();
                 }
             }
+            return;
         }
+        if !plan.prefill.is_empty() {
+            let started = Instant::now();
+            let batch: Vec<(SeqId, Waiting)> =
+                plan.prefill.iter().filter_map(|&id| self.waiting.remove(&id).map(|w| (id, w))).collect();
+            self.prefill(batch);
+            self.observe_step("prefill", started);
+        }
+        let decode: Vec<SeqId> = plan.decode.into_iter().filter(|id| self.running.contains_key(id)).collect();
+        if !decode.is_empty() {
+            let started = Instant::now();
+            self.shared.metrics.engine.decode_batch_size.observe(decode.len() as f64);
+            self.decode(&decode);
+            self.observe_step("decode", started);
+        }
+        self.publish_gauges();
     }
 
-    /// Waiting requests to prefill together, in arrival order: at most `free`, and while count ×
-    /// longest prompt (a bound on the batch's tokens) stays within the prefill token budget. Requests whose
-    /// client left or whose deadline passed are ended here instead.
-    fn next_prefill_batch(&mut self, free: usize) -> Vec<Queued> {
-        let limit = self.shared.config.max_batch_prefill_tokens;
-        let mut batch: Vec<Queued> = Vec::new();
-        let mut longest = 0;
-        while batch.len() < free {
-            let Some(front) = self.waiting.front() else { break };
-            let len = front.job.prompt.input_ids.len();
-            if !batch.is_empty() && (batch.len() + 1) * longest.max(len) > limit {
-                break;
-            }
-            let Some(q) = self.waiting.pop_front() else { break };
+    fn observe_step(&self, phase: &str, started: Instant) {
+        self.shared.metrics.engine.step_duration.with_label_values(&[phase]).observe(started.elapsed().as_secs_f64());
+    }
+
+    fn publish_gauges(&self) {
+        let metrics = &self.shared.metrics;
+        metrics.running.set(self.scheduler.running_len() as i64);
+        metrics.engine.kv_cache_bytes.with_label_values(&["used"]).set(self.scheduler.kv_used() as i64);
+    }
+
+    /// Ends requests whose client went away or whose deadline passed, waiting or running.
+    fn drop_abandoned(&mut self) {
+        let now = Instant::now();
+        let metrics = self.shared.metrics.clone();
+        let waiting: Vec<SeqId> = self.scheduler.waiting().collect();
+        for id in waiting {
+            let Some(w) = self.waiting.get(&id) else { continue };
+            let reason = if w.queued.events.is_closed() {
+                CancelReason::ClientGone
+            } else if now >= w.queued.deadline {
+                CancelReason::Timeout
+            } else {
+                continue;
+            };
+            self.scheduler.remove(id);
             self.shared.left_queue();
-            if let Some(q) = self.admit(*q) {
-                longest = longest.max(len);
-                batch.push(q);
+            metrics.cancel(reason);
+            if let Some(w) = self.waiting.remove(&id) {
+                if reason == CancelReason::Timeout {
+                    let _ =
+                        w.queued.events.send(Event::Failed(EngineError::Timeout(self.shared.config.request_timeout)));
+                }
             }
         }
-        batch
+        let running: Vec<SeqId> = self.scheduler.running().collect();
+        for id in running {
+            let Some(r) = self.running.get(&id) else { continue };
+            let reason = if r.events.is_closed() {
+                CancelReason::ClientGone
+            } else if now >= r.deadline {
+                CancelReason::Timeout
+            } else {
+                continue;
+            };
+            metrics.cancel(reason);
+            let timeout = EngineError::Timeout(self.shared.config.request_timeout);
+            self.end(id, (reason == CancelReason::Timeout).then_some(timeout));
+        }
     }
 
-    /// Ends a request that can no longer start (client gone, deadline passed); else records its
-    /// queue wait and hands it back.
-    fn admit(&self, q: Queued) -> Option<Queued> {
+    /// Removes a running sequence: reports its end (`Some` error: as a failure) and frees its
+    /// memory.
+    fn end(&mut self, id: SeqId, failure: Option<EngineError>) {
+        self.scheduler.remove(id);
+        if let Some(r) = self.running.remove(&id) {
+            self.publish_gauges();
+            match failure {
+                Some(e) => r.fail(e),
+                None => r.finish(&self.shared.metrics),
+            }
+        }
+    }
+
+    /// Executes a step's prefill: one batched pass (a lone request runs alone); if it fails,
+    /// each request is retried alone so only the faulty one fails.
+    fn prefill(&mut self, batch: Vec<(SeqId, Waiting)>) {
         let metrics = &self.shared.metrics;
         let now = Instant::now();
-        if q.events.is_closed() {
-            metrics.cancel(CancelReason::ClientGone);
-            info_span!("request", request_id = %q.job.request_id).in_scope(|| debug!("client went away while waiting"));
-            return None;
+        for (_, w) in &batch {
+            self.shared.left_queue();
+            metrics.queue_wait.observe((now - w.queued.admitted).as_secs_f64());
         }
-        if now >= q.deadline {
-            metrics.cancel(CancelReason::Timeout);
-            let _ = q.events.send(Event::Failed(EngineError::Timeout(self.shared.config.request_timeout)));
-            return None;
+        if batch.len() > 1 {
+            match self.prefill_pass(&batch) {
+                Ok(seqs) => {
+                    self.shared.metrics.prefill_batch_size.observe(batch.len() as f64);
+                    let elapsed = now.elapsed().as_secs_f64();
+                    for ((id, w), (prune, seq)) in batch.into_iter().zip(seqs) {
+                        self.started(id, w, prune, seq, elapsed);
+                    }
+                    return;
+                }
+                Err(e) => warn!(error = %e, requests = batch.len(), "batched prefill failed; prefilling one at a time"),
+            }
         }
-        metrics.queue_wait.observe((now - q.admitted).as_secs_f64());
-        Some(q)
+        for one in batch {
+            let started = Instant::now();
+            let single = std::slice::from_ref(&one);
+            match self.prefill_pass(single) {
+                Ok(mut seqs) => {
+                    self.shared.metrics.prefill_batch_size.observe(1.0);
+                    let (id, w) = one;
+                    if let Some((prune, seq)) = seqs.pop() {
+                        self.started(id, w, prune, seq, started.elapsed().as_secs_f64());
+                    }
+                }
+                Err(e) => {
+                    let (id, w) = one;
+                    super::running::request_span(&w.queued).in_scope(|| warn!(error = %e, "prefill failed"));
+                    self.scheduler.remove(id);
+                    let _ = w.queued.events.send(Event::Failed(e));
+                }
+            }
+        }
     }
 
-    /// The pruning hook a request's recipe asks for (none without a recipe or visual tokens).
-    fn prune_hook(q: &Queued) -> Option<PruneHook> {
-        let visual = q.job.prompt.visual_tokens();
-        match &q.job.recipe {
-            Some(r) if visual > 0 => Some(PruneHook::new(r.deletions_for(visual), &q.job.prompt)),
-            _ => None,
+    /// One prefill pass over `batch`.
+    fn prefill_pass(
+        &self,
+        batch: &[(SeqId, Waiting)],
+    ) -> Result<Vec<(Option<crate::pruning::PruneHook>, Sequence)>, EngineError> {
+        let queued: Vec<&Queued> = batch.iter().map(|(_, w)| &w.queued).collect();
+        let names: Vec<&str> = queued.iter().map(|q| q.job.request_id.as_str()).collect();
+        self.inject(Phase::Prefill, &names)?;
+        super::running::prefill(&self.loaded.model, &queued)
+    }
+
+    /// Fails the pass over these requests if the test fault injector asks for it.
+    fn inject(&self, phase: Phase, request_ids: &[&str]) -> Result<(), EngineError> {
+        match &self.shared.config.fault {
+            Some(fault) if (fault.0)(phase, request_ids) => {
+                let e = candle_core::Error::Msg(format!("injected {phase:?} fault"));
+                Err(EngineError::Model(ModelError::Candle(e)))
+            }
+            _ => Ok(()),
         }
     }
 
-    /// Prefills `batch` (one batched pass when it holds several) and starts decoding it. If a
-    /// batched pass fails, each request is retried alone so only the faulty one fails.
-    fn start(&mut self, batch: Vec<Queued>) {
-        if batch.len() <= 1 {
-            batch.into_iter().for_each(|q| self.start_one(q));
-            return;
+    /// Reports a finished prefill, adds the sequence to the running set and samples its first
+    /// token from the prefill's logits.
+    fn started(
+        &mut self,
+        id: SeqId,
+        w: Waiting,
+        prune: Option<crate::pruning::PruneHook>,
+        seq: Sequence,
+        prefill_s: f64,
+    ) {
+        let metrics = &self.shared.metrics;
+        metrics.engine.kv_tokens_saved.inc_by(w.demand.tokens_saved);
+        match Running::start(w.queued, prune, seq, prefill_s, &self.loaded.info, metrics) {
+            Some(r) => {
+                self.running.insert(id, r);
+                self.sample(id);
+            }
+            None => {
+                self.scheduler.remove(id);
+            }
         }
+    }
+
+    /// Executes a step's decode: one batched pass over `ids`; if it fails, the caches are
+    /// restored and each sequence is retried alone.
+    fn decode(&mut self, ids: &[SeqId]) {
+        match self.decode_pass(ids) {
+            Ok(()) => {}
+            Err(e) if ids.len() > 1 => {
+                warn!(error = %e, sequences = ids.len(), "batched decode failed; decoding one at a time");
+                for &id in ids {
+                    if let Err(e) = self.decode_pass(&[id]) {
+                        if let Some(r) = self.running.get(&id) {
+                            r.span.in_scope(|| warn!(error = %e, "decode step failed"));
+                        }
+                        self.end(id, Some(e));
+                    }
+                }
+                return;
+            }
+            Err(e) => {
+                if let Some(r) = self.running.get(&ids[0]) {
+                    r.span.in_scope(|| warn!(error = %e, "decode step failed"));
+                }
+                self.end(ids[0], Some(e));
+                return;
+            }
+        }
+        for &id in ids {
+            self.sample(id);
+        }
+    }
+
+    /// One decode pass over `ids`, handing each sequence its logits. On failure every cache is
+    /// as it was before the pass.
+    fn decode_pass(&mut self, ids: &[SeqId]) -> Result<(), EngineError> {
         let started = Instant::now();
-        let mut prunes: Vec<Option<PruneHook>> = batch.iter().map(Self::prune_hook).collect();
-        let mut unpruned: Vec<NoHook> = batch.iter().map(|_| NoHook).collect();
-        let mut starts: Vec<SequenceStart<'_>> = batch
-            .iter()
-            .zip(prunes.iter_mut().zip(unpruned.iter_mut()))
-            .map(|(q, (prune, none))| SequenceStart {
-                prompt: &q.job.prompt,
-                params: &q.job.params,
-                hook: match prune {
-                    Some(h) => h,
-                    None => none,
-                },
-            })
-            .collect();
-        let result = Sequence::prefill_batch(&self.loaded.model, &mut starts);
-        drop(starts);
-        match result {
-            Ok(seqs) => {
-                let prefill_s = started.elapsed().as_secs_f64();
-                self.shared.metrics.prefill_batch_size.observe(batch.len() as f64);
-                for ((q, prune), seq) in batch.into_iter().zip(prunes).zip(seqs) {
-                    self.started(q, prune, seq, prefill_s);
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, requests = batch.len(), "batched prefill failed; prefilling one at a time");
-                batch.into_iter().for_each(|q| self.start_one(q));
+        let names: Vec<&str> =
+            ids.iter().filter_map(|id| self.running.get(id)).map(|r| r.request_id.as_str()).collect();
+        self.inject(Phase::Decode, &names)?;
+        let mut seqs: Vec<&mut Running> = Vec::with_capacity(ids.len());
+        // Disjoint mutable borrows of the map's values, in `ids` order.
+        let mut by_id: HashMap<SeqId, &mut Running> = self.running.iter_mut().map(|(id, r)| (*id, r)).collect();
+        for id in ids {
+            if let Some(r) = by_id.remove(id) {
+                seqs.push(r);
             }
         }
-    }
-
-    /// Prefills one request alone.
-    fn start_one(&mut self, q: Queued) {
-        let started = Instant::now();
-        let mut prune = Self::prune_hook(&q);
-        let hook: &mut dyn DecoderHook = match prune.as_mut() {
-            Some(h) => h,
-            None => &mut NoHook,
+        let mut tokens = Vec::with_capacity(seqs.len());
+        let mut positions = Vec::with_capacity(seqs.len());
+        for r in &seqs {
+            let (t, p) = r.seq.decode_input().ok_or_else(|| {
+                EngineError::Model(ModelError::InvalidInput("a running sequence has no token to decode".into()))
+            })?;
+            tokens.push(t);
+            positions.push(p);
+        }
+        let lengths: Vec<Vec<usize>> = seqs.iter().map(|r| r.seq.cache().lengths()).collect();
+        let logits = {
+            let mut caches: Vec<&mut crate::model::llama::KvCache> =
+                seqs.iter_mut().map(|r| r.seq.cache_mut()).collect();
+            decode_rows(&self.loaded.model, &tokens, &positions, &mut caches)
         };
-        match Sequence::prefill(&self.loaded.model, &q.job.prompt, &q.job.params, hook) {
-            Ok(seq) => {
-                self.shared.metrics.prefill_batch_size.observe(1.0);
-                self.started(q, prune, seq, started.elapsed().as_secs_f64());
+        match logits {
+            Ok(rows) => {
+                let elapsed = started.elapsed();
+                for (r, row) in seqs.into_iter().zip(rows) {
+                    r.seq.set_logits(row, elapsed);
+                }
+                Ok(())
             }
             Err(e) => {
-                info_span!("request", request_id = %q.job.request_id).in_scope(|| warn!(error = %e, "prefill failed"));
-                let _ = q.events.send(Event::Failed(EngineError::Model(e)));
+                for (r, lengths) in seqs.into_iter().zip(lengths) {
+                    r.seq.cache_mut().truncate(&lengths);
+                }
+                Err(EngineError::Model(e))
             }
         }
     }
 
-    /// Reports a finished prefill to its client and metrics, and adds it to the running set.
-    fn started(&mut self, q: Queued, prune: Option<PruneHook>, seq: Sequence, prefill_s: f64) {
-        let span = info_span!("request", request_id = %q.job.request_id);
-        let _entered = span.enter();
-        let metrics = &self.shared.metrics;
-        let visual = q.job.prompt.visual_tokens();
-        let pruned = prune.is_some();
-        metrics.prefill_duration.with_label_values(&[if pruned { "true" } else { "false" }]).observe(prefill_s);
-        metrics.tokens.prompt.inc_by(seq.prompt_tokens() as u64);
-        metrics.tokens.image.inc_by(visual as u64);
-        let report = match &prune {
-            Some(h) => {
-                let reduction = self.loaded.info.flops.reduction(h.visual_in() as u64, &h.applied_deletions());
-                metrics.tokens.visual_in.inc_by(h.visual_in() as u64);
-                metrics.tokens.visual_kept.inc_by(h.visual_kept() as u64);
-                metrics.flops_reduction.observe(reduction);
-                PrefillReport {
-                    prompt_tokens: seq.prompt_tokens(),
-                    visual_tokens: h.visual_in(),
-                    visual_kept: h.visual_kept(),
-                    flops_reduction: reduction,
-                }
-            }
-            None => PrefillReport {
-                prompt_tokens: seq.prompt_tokens(),
-                visual_tokens: visual,
-                visual_kept: visual,
-                flops_reduction: 0.0,
-            },
-        };
-        debug!(prompt_tokens = report.prompt_tokens, visual_kept = report.visual_kept, prefill_s, "prefilled");
-        if q.events.send(Event::Prefilled(report)).is_err() {
-            metrics.cancel(CancelReason::ClientGone);
-            return;
-        }
-        drop(_entered);
-        let Queued { events, admitted, deadline, .. } = q;
-        let now = Instant::now();
-        self.running.push(Running {
-            seq,
-            events,
-            admitted,
-            deadline,
-            first_token: None,
-            last_token: now,
-            tokens: 0,
-            span,
-        });
-    }
-
-    /// One decode step for running sequence `i`; `false` once it has ended.
-    fn step(&mut self, i: usize) -> bool {
-        let r = &mut self.running[i];
-        let metrics = &self.shared.metrics;
-        if r.events.is_closed() {
-            r.span.in_scope(|| debug!("client went away; cancelling"));
-            metrics.cancel(CancelReason::ClientGone);
-            r.seq.cancel();
-            return false;
-        }
-        if Instant::now() >= r.deadline {
-            metrics.cancel(CancelReason::Timeout);
-            r.seq.cancel();
-            let _ = r.events.send(Event::Failed(EngineError::Timeout(self.shared.config.request_timeout)));
-            return false;
-        }
-        match r.seq.step(&self.loaded.model) {
-            Ok(Some(token)) => {
-                let now = Instant::now();
-                if r.first_token.is_none() {
-                    r.first_token = Some(now);
-                    metrics.time_to_first_token.observe((now - r.admitted).as_secs_f64());
-                }
-                r.last_token = now;
-                r.tokens += 1;
-                if r.events.send(Event::Token(token)).is_err() {
-                    metrics.cancel(CancelReason::ClientGone);
-                    r.seq.cancel();
-                    return false;
-                }
-                r.seq.finish_reason().is_none()
-            }
-            Ok(None) => false,
+    /// Samples sequence `id`'s next token from the logits it holds and sends it; ends the
+    /// sequence if that finished it (or its client is gone).
+    fn sample(&mut self, id: SeqId) {
+        let Some(r) = self.running.get_mut(&id) else { return };
+        match r.sample(self.loaded.model.tokenizer(), &self.shared.metrics) {
+            Ok(true) => {}
+            Ok(false) => self.end(id, None),
             Err(e) => {
-                r.span.in_scope(|| warn!(error = %e, "decode step failed"));
-                r.seq.cancel();
-                let _ = r.events.send(Event::Failed(EngineError::Model(e)));
-                false
+                r.span.in_scope(|| warn!(error = %e, "sampling failed"));
+                self.end(id, Some(EngineError::Model(e)));
             }
         }
-    }
-
-    /// Reports the end of a sequence (its channel may already be closed).
-    fn finish(&self, mut r: Running) {
-        let tail = r.seq.take_held_text();
-        let reason = r.seq.finish_reason().unwrap_or(FinishReason::Stop);
-        let generation = r.seq.into_generation();
-        let metrics = &self.shared.metrics;
-        metrics.tokens.generated.inc_by(generation.completion_tokens as u64);
-        if let (Some(first), true) = (r.first_token, r.tokens > 1) {
-            metrics.time_per_output_token.observe((r.last_token - first).as_secs_f64() / (r.tokens - 1) as f64);
-        }
-        r.span.in_scope(|| info!(completion_tokens = generation.completion_tokens, ?reason, "finished"));
-        let _ = r.events.send(Event::Finished(FinishReport {
-            reason,
-            tail,
-            prompt_tokens: generation.prompt_tokens,
-            completion_tokens: generation.completion_tokens,
-        }));
     }
 
     fn cancel_all(&mut self) {
         let metrics = &self.shared.metrics;
-        for q in self.waiting.drain(..) {
+        for (id, w) in self.waiting.drain() {
+            self.scheduler.remove(id);
             self.shared.left_queue();
             metrics.cancel(CancelReason::Shutdown);
-            let _ = q.events.send(Event::Failed(EngineError::ShuttingDown));
+            let _ = w.queued.events.send(Event::Failed(EngineError::ShuttingDown));
         }
-        for mut r in self.running.drain(..) {
+        for (id, r) in self.running.drain() {
+            self.scheduler.remove(id);
             metrics.cancel(CancelReason::Shutdown);
-            r.seq.cancel();
-            let _ = r.events.send(Event::Failed(EngineError::ShuttingDown));
+            r.fail(EngineError::ShuttingDown);
         }
         for mut w in self.background.drain(..) {
             w.cancel();
         }
-        // Requests still in the channel are refused too.
+        // Requests still in the channel are refused too; background work there is cancelled.
         while let Ok(cmd) = self.rx.try_recv() {
-            if let Command::Chat(q) = cmd {
-                self.shared.left_queue();
-                metrics.cancel(CancelReason::Shutdown);
-                let _ = q.events.send(Event::Failed(EngineError::ShuttingDown));
+            match cmd {
+                Command::Chat(q) => {
+                    self.shared.left_queue();
+                    metrics.cancel(CancelReason::Shutdown);
+                    let _ = q.events.send(Event::Failed(EngineError::ShuttingDown));
+                }
+                Command::Background(mut w) => w.cancel(),
+                Command::Shutdown => {}
             }
         }
         metrics.running.set(0);
+        metrics.engine.kv_cache_bytes.with_label_values(&["used"]).set(0);
     }
+}
+
+/// One batched decode pass, its (B, vocab) logits copied to the host in one transfer.
+fn decode_rows(
+    model: &LlavaModel,
+    tokens: &[u32],
+    positions: &[u32],
+    caches: &mut [&mut crate::model::llama::KvCache],
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    Ok(model.decode_batch(tokens, positions, caches)?.to_vec2::<f32>()?)
 }

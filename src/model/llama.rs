@@ -52,19 +52,36 @@ impl DecoderHook for NoHook {
     }
 }
 
-/// Tokens of headroom a layer's KV buffer gets beyond its prefill (it grows by its initial size
-/// when full), so decode steps write in place instead of copying the whole cache every token.
-const KV_HEADROOM: usize = 256;
+/// Tokens of decode growth a cache reserves when its owner does not say how many it needs.
+const DEFAULT_GROWTH: usize = 256;
 
-/// Keys and values one layer has seen, with their positions (for masking). Not `Clone`: the
-/// buffer is written in place, so two copies would overwrite each other's tokens.
-#[derive(Debug, Default)]
+/// Keys and values one layer has seen, with their positions (for masking).
+///
+/// The buffers are allocated once, on the first append, for that append's rows plus the
+/// cache's `growth` (the decode tokens its sequence was admitted with), and written in place;
+/// so a layer after a pruning layer allocates only the rows it keeps, and what the scheduler
+/// accounts for a sequence is what it holds. Past the reservation a buffer grows by `growth`
+/// more tokens. Not `Clone`: two copies would overwrite each other's tokens.
+#[derive(Debug)]
 pub struct LayerCache {
-    kv: Option<candle_nn::kv_cache::KvCache>,
+    /// (batch, kv_heads, capacity, head_dim) each; the first `positions.len()` tokens are valid.
+    kv: Option<(Tensor, Tensor)>,
     positions: Vec<u32>,
+    growth: usize,
+}
+
+impl Default for LayerCache {
+    fn default() -> Self {
+        Self::with_growth(DEFAULT_GROWTH)
+    }
 }
 
 impl LayerCache {
+    /// An empty cache that reserves `growth` tokens beyond its first append.
+    pub fn with_growth(growth: usize) -> Self {
+        Self { kv: None, positions: Vec::new(), growth }
+    }
+
     /// Number of cached tokens.
     pub fn len(&self) -> usize {
         self.positions.len()
@@ -80,12 +97,43 @@ impl LayerCache {
         &self.positions
     }
 
+    /// Tokens the buffers have room for (0 before the first append).
+    pub fn capacity(&self) -> usize {
+        self.kv.as_ref().and_then(|(k, _)| k.dim(2).ok()).unwrap_or(0)
+    }
+
+    /// Bytes the key and value buffers occupy.
+    pub fn allocated_bytes(&self) -> usize {
+        self.kv.as_ref().map_or(0, |(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+    }
+
+    /// Forgets every token from `len` on (a failed pass is undone this way before a retry).
+    pub fn truncate(&mut self, len: usize) {
+        self.positions.truncate(len);
+    }
+
     /// Appends (batch, kv_heads, new, head_dim) keys/values and returns the whole cache.
     pub(super) fn append(&mut self, k: Tensor, v: Tensor, positions: &[u32]) -> Result<(Tensor, Tensor)> {
-        let kv = self.kv.get_or_insert_with(|| candle_nn::kv_cache::KvCache::new(2, positions.len() + KV_HEADROOM));
-        let kv = kv.append(&k.contiguous()?, &v.contiguous()?)?;
+        let (len, new) = (self.positions.len(), positions.len());
+        let needed = len + new;
+        if self.capacity() < needed {
+            let (b, heads, _, hd) = k.dims4()?;
+            let cap = needed + self.growth;
+            let zeros = || Tensor::zeros((b, heads, cap, hd), k.dtype(), k.device());
+            let (nk, nv) = (zeros()?, zeros()?);
+            if let Some((ok, ov)) = &self.kv {
+                nk.slice_set(&ok.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                nv.slice_set(&ov.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            }
+            self.kv = Some((nk, nv));
+        }
+        let Some((bk, bv)) = &self.kv else {
+            return Err(super::ModelError::InvalidInput("KV buffer missing after allocation".into()));
+        };
+        bk.slice_set(&k.contiguous()?, 2, len)?;
+        bv.slice_set(&v.contiguous()?, 2, len)?;
         self.positions.extend_from_slice(positions);
-        Ok(kv)
+        Ok((bk.narrow(2, 0, needed)?, bv.narrow(2, 0, needed)?))
     }
 }
 
@@ -96,9 +144,14 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// An empty cache for `num_layers` layers.
+    /// An empty cache for `num_layers` layers (each reserving a default decode growth).
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: (0..num_layers).map(|_| LayerCache::default()).collect() }
+        Self::with_growth(num_layers, DEFAULT_GROWTH)
+    }
+
+    /// An empty cache whose layers each reserve `growth` tokens beyond their prefill rows.
+    pub fn with_growth(num_layers: usize, growth: usize) -> Self {
+        Self { layers: (0..num_layers).map(|_| LayerCache::with_growth(growth)).collect() }
     }
 
     /// The cache of one layer.
@@ -109,6 +162,18 @@ impl KvCache {
     /// Cached token count per layer.
     pub fn lengths(&self) -> Vec<usize> {
         self.layers.iter().map(LayerCache::len).collect()
+    }
+
+    /// Bytes all layers' buffers occupy.
+    pub fn allocated_bytes(&self) -> usize {
+        self.layers.iter().map(LayerCache::allocated_bytes).sum()
+    }
+
+    /// Undoes appends: layer l keeps its first `lengths[l]` tokens.
+    pub fn truncate(&mut self, lengths: &[usize]) {
+        for (layer, &len) in self.layers.iter_mut().zip(lengths) {
+            layer.truncate(len);
+        }
     }
 }
 
@@ -345,10 +410,10 @@ pub struct DecoderOutput {
 /// `LlamaForCausalLM`: embeddings, prunable decoder layers, final norm and LM head.
 #[derive(Debug, Clone)]
 pub struct Llama {
-    embed_tokens: Embedding,
+    pub(super) embed_tokens: Embedding,
     pub(super) layers: Vec<DecoderLayer>,
     pub(super) norm: RmsNorm,
-    lm_head: Linear,
+    pub(super) lm_head: Linear,
     pub(super) rotary: Rotary,
 }
 

@@ -10,7 +10,7 @@ use image::DynamicImage;
 use tokenizers::Tokenizer;
 
 use super::config::LlavaConfig;
-use super::llama::{DecoderHook, DecoderOutput, KvCache, Llama, NoHook};
+use super::llama::{DecoderHook, DecoderOutput, KvCache, Llama};
 use super::llama_batch::BatchSequence;
 use super::preprocess::{ImagePreprocessor, PreprocessorConfig};
 use super::projector::Projector;
@@ -333,17 +333,20 @@ impl LlavaModel {
         outputs.into_iter().enumerate().map(|(i, output)| Ok(Prefill { logits: logits.get(i)?, output })).collect()
     }
 
-    /// One decode step for `token` at `position`; returns (vocab,) f32 logits.
-    pub fn decode(&self, token: u32, position: u32, cache: &mut KvCache) -> Result<Tensor> {
-        let ids = Tensor::new(&[[token]], &self.options.device)?;
-        let embeds = self.llama.embed(&ids)?;
-        let output = self.llama.forward(&embeds, &[position], cache, &mut NoHook)?;
-        Ok(self.llama.last_logits(&output.hidden)?.squeeze(0)?)
+    /// One decode step for every sequence (token i at position i, appending to cache i) in one
+    /// batched pass; returns (B, vocab) f32 logits.
+    pub fn decode_batch(&self, tokens: &[u32], positions: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        self.llama.decode_batch(tokens, positions, caches)
     }
 
     /// A fresh KV cache for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.llama.num_layers())
+    }
+
+    /// A fresh KV cache whose layers reserve `growth` decode tokens beyond their prefill rows.
+    pub fn new_cache_with_growth(&self, growth: usize) -> KvCache {
+        KvCache::with_growth(self.llama.num_layers(), growth)
     }
 }
 

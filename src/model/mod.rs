@@ -8,6 +8,7 @@ pub mod demo_tokenizer;
 pub mod fingerprint;
 pub mod llama;
 pub mod llama_batch;
+pub mod llama_decode;
 pub mod llava;
 pub mod preprocess;
 pub mod projector;

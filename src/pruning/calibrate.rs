@@ -15,10 +15,11 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 
-use crate::model::{LlavaModel, PreparedPrompt};
+use crate::model::PreparedPrompt;
 
 use super::flops::FlopsModel;
-use super::score::{head_max, prefix_deletions, visual_scores, RowRoles, VisualScores};
+use super::layers::LayerRunner;
+use super::score::{prefix_deletions, RowRoles, VisualScores};
 use super::PruneError;
 
 /// What to fit.
@@ -136,7 +137,7 @@ struct Sample {
 }
 
 struct Calibrator<'a> {
-    model: &'a LlavaModel,
+    model: &'a dyn LayerRunner,
     flops: FlopsModel,
     samples: Vec<Sample>,
     visual: usize,
@@ -152,9 +153,9 @@ fn bytes(t: &Tensor) -> usize {
 }
 
 /// Fits one recipe per budget from calibration prompts (each with the same number of visual
-/// tokens and some text after the image).
+/// tokens and some text after the image); `model` runs the layer evaluations.
 pub fn calibrate(
-    model: &LlavaModel,
+    model: &dyn LayerRunner,
     prompts: &[PreparedPrompt],
     opts: &CalibrateOptions,
     observer: &mut dyn CalibrationObserver,
@@ -165,7 +166,7 @@ pub fn calibrate(
     let total = 1 + opts.budgets.len() * steps;
     let mut c = Calibrator {
         model,
-        flops: FlopsModel::from_config(&model.config().text_config),
+        flops: model.flops(),
         samples: Vec::with_capacity(prompts.len()),
         visual,
         counts: EvalCounts::default(),
@@ -327,11 +328,10 @@ impl Calibrator<'_> {
     /// Runs the node's attention half on its input `x`, keeping the output and the scores.
     fn compute_attn(&mut self, s: usize, node: usize, x: &Tensor) -> Result<Tensor, PruneError> {
         let n = &self.samples[s].nodes[node];
-        let (attn, probs) = self.model.llama().layer_attention(n.layer, x, &n.positions)?;
+        let roles = n.scores.is_none().then(|| RowRoles::from_flags(&n.is_visual));
+        let (attn, scores) = self.model.layer_attention(n.layer, x, &n.positions, roles.as_ref())?;
         self.counts.attention += 1;
-        if n.scores.is_none() {
-            let roles = RowRoles::from_flags(&n.is_visual);
-            let scores = visual_scores(&head_max(&probs)?, &roles)?;
+        if let (Some(scores), Some(roles)) = (scores, roles) {
             self.samples[s].nodes[node].scores = Some((scores, roles.cross.len()));
         }
         self.store(s, node, None, Some(attn.clone()));
@@ -355,7 +355,7 @@ impl Calibrator<'_> {
         };
         let layer = self.samples[s].nodes[parent].layer;
         let pruned = keep.len() < px.dim(1)?;
-        let x = self.model.llama().layer_finish(layer, &px, &attn, pruned.then_some(keep.as_slice()))?;
+        let x = self.model.layer_finish(layer, &px, &attn, pruned.then_some(keep.as_slice()))?;
         self.counts.mlp += 1;
         self.store(s, node, Some(x.clone()), None);
         Ok(x)

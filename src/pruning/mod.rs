@@ -5,6 +5,7 @@ pub mod apply;
 pub mod calibrate;
 pub mod dataset;
 pub mod flops;
+pub mod layers;
 pub mod recipe;
 pub mod score;
 
@@ -24,6 +25,9 @@ pub enum PruneError {
     /// The job was cancelled between layers.
     #[error("calibration cancelled")]
     Cancelled,
+    /// The engine that runs the layer evaluations stopped (the server is shutting down).
+    #[error("interrupted: {0}")]
+    Interrupted(String),
     /// A model error while running passes.
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),

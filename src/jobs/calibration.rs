@@ -1,10 +1,13 @@
-//! Calibration jobs in the background: one job at a time on a dedicated thread, sharing the
-//! engine's loaded model (read-only tensors), always giving way to chat traffic.
+//! Calibration jobs: one job at a time on a runner thread that does the alpha search and the
+//! store writes, while every forward pass (vision tower, each layer evaluation) runs on the
+//! engine thread as background work (`engine::background::EngineLayers`), only in engine steps
+//! with no chat work. So one thread runs forward passes and a chat request waits at most for the
+//! one layer evaluation in flight when it arrived.
 //!
-//! Between decoder-layer evaluations the job checks its cancel flag and then waits while the
-//! engine has any chat request waiting or running, so a chat request waits at most for the one
-//! layer evaluation in flight when it arrived. Progress, the outcome and the fitted recipes are
-//! written to the store; a cancelled job stores nothing.
+//! Between layer evaluations the job checks its cancel flag. Progress, the outcome and the
+//! fitted recipes are written to the store; a cancelled job stores nothing. When the server shuts
+//! down mid-job the engine stops running its evaluations and the job is recorded as failed
+//! ("interrupted") before the process exits.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +21,8 @@ use sqlx::SqlitePool;
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 
+use crate::engine::background::EngineLayers;
+use crate::engine::{Engine, EngineState, LoadedModel};
 use crate::metrics::Metrics;
 use crate::model::prompt::{ChatMessage, ContentPart};
 use crate::pruning::calibrate::{calibrate, CalibrateOptions, CalibrationObserver};
@@ -25,8 +30,6 @@ use crate::pruning::{PruneError, Recipe};
 use crate::store::jobs::{self, JobStatus, Progress};
 use crate::store::source::DbRecipes;
 use crate::store::{new_id, recipes};
-
-use super::{Engine, EngineState, LoadedModel};
 
 /// One image + question to calibrate on.
 #[derive(Debug, Clone)]
@@ -55,8 +58,9 @@ pub struct CalibrationRequest {
 /// Handle to the calibration thread.
 #[derive(Clone)]
 pub struct CalibrationJobs {
-    tx: Sender<CalibrationRequest>,
+    tx: Arc<Mutex<Option<Sender<CalibrationRequest>>>>,
     cancels: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
 /// What the thread needs.
@@ -79,21 +83,42 @@ impl CalibrationJobs {
         recipes: Arc<DbRecipes>,
         metrics: Metrics,
         cache_bytes: usize,
-    ) -> std::io::Result<(Self, JoinHandle<()>)> {
+    ) -> std::io::Result<Self> {
         let (tx, rx) = channel();
         let cancels = Arc::new(Mutex::new(HashMap::new()));
         let rt = Handle::current();
         let runner = Runner { pool, engine, recipes, metrics, rt, cancels: cancels.clone(), cache_bytes };
         let handle = std::thread::Builder::new().name("fitprune-calibration".into()).spawn(move || runner.run(rx))?;
-        Ok((Self { tx, cancels }, handle))
+        Ok(Self { tx: Arc::new(Mutex::new(Some(tx))), cancels, thread: Arc::new(Mutex::new(Some(handle))) })
     }
 
-    /// Queues a job whose row was created as `queued`.
+    /// Queues a job whose row was created as `queued`; `false` once the runner has stopped.
     pub fn submit(&self, req: CalibrationRequest) -> bool {
         if let Ok(mut c) = self.cancels.lock() {
             c.insert(req.job_id.clone(), Arc::new(AtomicBool::new(false)));
         }
-        self.tx.send(req).is_ok()
+        match self.tx.lock() {
+            Ok(tx) => tx.as_ref().is_some_and(|tx| tx.send(req).is_ok()),
+            Err(_) => false,
+        }
+    }
+
+    /// Stops taking jobs and waits (blocking) until the runner has recorded the end of the job
+    /// in flight. Call after the engine has stopped, so that job ends at its next layer
+    /// evaluation; queued jobs that never started stay `queued` and are failed at the next start.
+    pub fn stop_and_join(&self) {
+        if let Ok(mut tx) = self.tx.lock() {
+            tx.take();
+        }
+        if let Ok(c) = self.cancels.lock() {
+            c.values().for_each(|flag| flag.store(true, Ordering::SeqCst));
+        }
+        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                warn!("the calibration thread panicked");
+            }
+        }
     }
 
     /// Asks a queued or running job to stop (at the next layer boundary).
@@ -128,9 +153,6 @@ impl CalibrationObserver for Observer<'_> {
     }
 
     fn cancelled(&self) -> bool {
-        while !self.cancel.load(Ordering::SeqCst) && self.runner.chat_busy() {
-            std::thread::sleep(Duration::from_millis(2));
-        }
         self.cancel.load(Ordering::SeqCst)
     }
 }
@@ -146,10 +168,6 @@ impl Runner {
                 c.remove(&req.job_id);
             }
         }
-    }
-
-    fn chat_busy(&self) -> bool {
-        self.engine.waiting() > 0 || self.metrics.running.get() > 0
     }
 
     fn finish(&self, id: &str, status: JobStatus, error: Option<&str>, recipe_ids: &[String]) -> JobStatus {
@@ -185,7 +203,14 @@ impl Runner {
                 info!(job = id, recipes = ?ids, "calibration succeeded");
                 self.finish(id, JobStatus::Succeeded, None, &ids)
             }
+            Err(PruneError::Cancelled) if self.engine.is_draining() => {
+                self.finish(id, JobStatus::Failed, Some("interrupted: the server shut down"), &[])
+            }
             Err(PruneError::Cancelled) => self.finish(id, JobStatus::Cancelled, None, &[]),
+            Err(PruneError::Interrupted(why)) => {
+                warn!(job = id, %why, "calibration interrupted");
+                self.finish(id, JobStatus::Failed, Some("interrupted: the server shut down"), &[])
+            }
             Err(e) => self.finish(id, JobStatus::Failed, Some(&e.to_string()), &[]),
         }
     }
@@ -222,7 +247,8 @@ impl Runner {
             .collect::<Result<Vec<_>, _>>()?;
         let opts =
             CalibrateOptions { budgets: req.budgets.clone(), tolerance: req.tolerance, cache_bytes: self.cache_bytes };
-        let result = calibrate(model, &prompts, &opts, observer)?;
+        let layers = EngineLayers::new(self.engine.clone(), loaded.info.flops);
+        let result = calibrate(&layers, &prompts, &opts, observer)?;
         let unreachable: Vec<f64> = result.budgets.iter().filter(|b| b.alpha.is_none()).map(|b| b.budget).collect();
         if !unreachable.is_empty() {
             return Err(PruneError::InvalidInput(format!(
