@@ -3,12 +3,12 @@
 
 mod http_common;
 
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use fitprune::api::ApiSettings;
 use fitprune::engine::recipes::FileRecipes;
-use fitprune::engine::{BackgroundWork, Engine, EngineConfig, LoadedModel, RoundHook};
+use fitprune::engine::{BackgroundWork, Engine, EngineConfig, LoadedModel};
 use fitprune::metrics::Metrics;
 use fitprune::model::llava::LoadOptions;
 use fitprune::model::{LlavaModel, ModelError};
@@ -50,70 +50,6 @@ fn short() -> Value {
 fn long_stream() -> Value {
     json!({"messages": [{"role": "user", "content": "Continue."}], "max_tokens": 1000, "temperature": 0,
         "stream": true})
-}
-
-/// Single-steps the engine: each scheduling round takes one permit (none left: it waits).
-struct Stepper {
-    state: Mutex<StepperState>,
-    cv: Condvar,
-}
-
-struct StepperState {
-    /// `None` runs freely.
-    permits: Option<usize>,
-    /// The engine is waiting for a permit (so the previous round has finished).
-    blocked: bool,
-}
-
-impl Stepper {
-    /// A server whose engine rounds are gated by the returned stepper (initially `permits`).
-    async fn server(extra: &[&str], permits: Option<usize>) -> (TestServer, Arc<Stepper>) {
-        let stepper = Stepper::new(permits);
-        let mut cfg = args(extra).validate().unwrap();
-        cfg.engine.round_hook = Some(stepper.hook());
-        (start_with(cfg).await, stepper)
-    }
-
-    fn new(permits: Option<usize>) -> Arc<Self> {
-        Arc::new(Stepper { state: Mutex::new(StepperState { permits, blocked: false }), cv: Condvar::new() })
-    }
-
-    fn hook(self: &Arc<Self>) -> RoundHook {
-        let me = self.clone();
-        RoundHook(Arc::new(move || me.take()))
-    }
-
-    fn take(&self) {
-        let mut s = self.state.lock().unwrap();
-        while s.permits == Some(0) {
-            s.blocked = true;
-            s = self.cv.wait(s).unwrap();
-        }
-        s.blocked = false;
-        if let Some(n) = s.permits.as_mut() {
-            *n -= 1;
-        }
-    }
-
-    fn grant(&self, n: usize) {
-        let mut s = self.state.lock().unwrap();
-        s.permits = Some(s.permits.unwrap_or(0) + n);
-        s.blocked = false;
-        self.cv.notify_all();
-    }
-
-    fn run_freely(&self) {
-        let mut s = self.state.lock().unwrap();
-        s.permits = None;
-        s.blocked = false;
-        self.cv.notify_all();
-    }
-
-    /// The engine used every permit and waits before its next round (the last one finished).
-    fn blocked(&self) -> bool {
-        let s = self.state.lock().unwrap();
-        s.blocked && s.permits == Some(0)
-    }
 }
 
 /// Lets the engine run one round at a time until it has cancelled a client that went away.

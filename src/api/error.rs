@@ -138,6 +138,7 @@ impl From<EngineError> for ApiError {
                 code: Some("kv_cache_exceeded".into()),
             },
             EngineError::Model(m) => m.into(),
+            EngineError::Internal(m) => Self::Internal(m),
         }
     }
 }

@@ -114,6 +114,9 @@ pub enum EngineError {
     /// The model rejected the input or failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// A broken engine invariant (a bug, not the client's fault).
+    #[error("internal engine error: {0}")]
+    Internal(String),
 }
 
 /// A validated, tokenized request.

@@ -388,11 +388,14 @@ impl Worker {
             Err(e) if ids.len() > 1 => {
                 warn!(error = %e, sequences = ids.len(), "batched decode failed; decoding one at a time");
                 for &id in ids {
-                    if let Err(e) = self.decode_pass(&[id]) {
-                        if let Some(r) = self.running.get(&id) {
-                            r.span.in_scope(|| warn!(error = %e, "decode step failed"));
+                    match self.decode_pass(&[id]) {
+                        Ok(()) => self.sample(id),
+                        Err(e) => {
+                            if let Some(r) = self.running.get(&id) {
+                                r.span.in_scope(|| warn!(error = %e, "decode step failed"));
+                            }
+                            self.end(id, Some(e));
                         }
-                        self.end(id, Some(e));
                     }
                 }
                 return;
@@ -428,9 +431,10 @@ impl Worker {
         let mut tokens = Vec::with_capacity(seqs.len());
         let mut positions = Vec::with_capacity(seqs.len());
         for r in &seqs {
-            let (t, p) = r.seq.decode_input().ok_or_else(|| {
-                EngineError::Model(ModelError::InvalidInput("a running sequence has no token to decode".into()))
-            })?;
+            let (t, p) = r
+                .seq
+                .decode_input()
+                .ok_or_else(|| EngineError::Internal("a running sequence has no token to decode".into()))?;
             tokens.push(t);
             positions.push(p);
         }

@@ -378,3 +378,71 @@ fn decoding_past_the_cache_headroom_matches_one_pass() {
     let want = rows(&one_pass.hidden.i(0).unwrap());
     assert_close(&rows(&last.unwrap().hidden.i(0).unwrap()), &want[want.len() - 1..], 1e-4);
 }
+
+#[test]
+fn batched_decode_matches_each_sequence_alone_over_caches_of_different_lengths() {
+    let w = weights();
+    let m = model(&w);
+    // Different prompt lengths, pruned at different layers, one unpruned: after prefill the
+    // caches differ per sequence and per layer.
+    let cases = [
+        Case { ids: IDS.to_vec(), prune: Some((1, vec![0, 1, 3, 6, 7, 8])) },
+        Case { ids: vec![4, 2, 9, 1, 3], prune: None },
+        Case { ids: vec![8, 8, 3, 1, 0, 5, 2], prune: Some((0, vec![0, 2, 3, 6])) },
+    ];
+    let prefill = |c: &Case| {
+        let mut cache = KvCache::with_growth(LAYERS, 4);
+        let pos: Vec<u32> = (0..c.ids.len() as u32).collect();
+        m.forward(&embeds(&w, &c.ids).0, &pos, &mut cache, &mut hook(c)).unwrap();
+        cache
+    };
+    let mut batched: Vec<KvCache> = cases.iter().map(prefill).collect();
+    let mut alone: Vec<KvCache> = cases.iter().map(prefill).collect();
+    assert_ne!(batched[0].lengths(), batched[2].lengths());
+    for step in 0..6u32 {
+        let tokens: Vec<u32> = (0..cases.len() as u32).map(|i| (step * 5 + i * 3) % VOCAB as u32).collect();
+        let positions: Vec<u32> = cases.iter().map(|c| c.ids.len() as u32 + step).collect();
+        let lengths: Vec<Vec<usize>> = batched.iter().map(KvCache::lengths).collect();
+        let mut refs: Vec<&mut KvCache> = batched.iter_mut().collect();
+        let logits = rows(&m.decode_batch(&tokens, &positions, &mut refs).unwrap());
+        for i in 0..cases.len() {
+            // Alone: the old single-sequence path, one row through `forward`.
+            let (e, _) = embeds(&w, &tokens[i..i + 1]);
+            let out = m.forward(&e, &positions[i..i + 1], &mut alone[i], &mut NoHook).unwrap();
+            let want = rows(&m.last_logits(&out.hidden).unwrap());
+            assert_close(&logits[i..i + 1], &want, 1e-5);
+            let grown: Vec<usize> = lengths[i].iter().map(|l| l + 1).collect();
+            assert_eq!(batched[i].lengths(), grown, "sequence {i} step {step}");
+        }
+    }
+    // Prefill reserved rows + 4; the 5th decode step outgrew that and reallocated needed + 4
+    // (= rows + 5 + 4), and the logits above stayed exact across the reallocation.
+    for (i, c) in cases.iter().enumerate() {
+        let pruned_rows = c.prune.as_ref().map_or(c.ids.len(), |(_, keep)| keep.len());
+        for l in 0..LAYERS {
+            let first = match &c.prune {
+                Some((layer, _)) if l > *layer => pruned_rows,
+                _ => c.ids.len(),
+            };
+            assert_eq!(batched[i].layer(l).capacity(), first + 5 + 4, "sequence {i} layer {l}");
+        }
+    }
+}
+
+#[test]
+fn a_truncated_cache_decodes_as_if_the_undone_step_never_ran() {
+    let w = weights();
+    let m = model(&w);
+    let pos: Vec<u32> = (0..IDS.len() as u32).collect();
+    let mut cache = KvCache::with_growth(LAYERS, 8);
+    m.forward(&embeds(&w, &IDS).0, &pos, &mut cache, &mut NoHook).unwrap();
+    let before = cache.lengths();
+    let n = IDS.len() as u32;
+    let first = rows(&m.decode_batch(&[3], &[n], &mut [&mut cache]).unwrap());
+    m.decode_batch(&[7], &[n + 1], &mut [&mut cache]).unwrap();
+    cache.truncate(&before);
+    assert_eq!(cache.lengths(), before);
+    let again = rows(&m.decode_batch(&[3], &[n], &mut [&mut cache]).unwrap());
+    assert_close(&again, &first, 0.0);
+    assert!(m.decode_batch(&[3, 4], &[n], &mut [&mut cache]).is_err());
+}

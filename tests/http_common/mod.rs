@@ -5,7 +5,7 @@
 use std::future::IntoFuture;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::Path as UrlPath;
@@ -16,7 +16,7 @@ use axum::Router;
 use base64::Engine as _;
 use clap::Parser;
 use fitprune::config::ServeArgs;
-use fitprune::engine::EngineState;
+use fitprune::engine::{EngineState, RoundHook};
 use fitprune::model::demo::{write_demo_model, DemoOptions};
 use fitprune::{build_app, AppState};
 use serde_json::{json, Value};
@@ -241,4 +241,68 @@ pub fn demo_recipes_file(dir: &Path) -> PathBuf {
     )
     .unwrap();
     file
+}
+
+/// Single-steps the engine: each engine step takes one permit (none left: it waits).
+pub struct Stepper {
+    state: Mutex<StepperState>,
+    cv: Condvar,
+}
+
+pub struct StepperState {
+    /// `None` runs freely.
+    permits: Option<usize>,
+    /// The engine is waiting for a permit (so the previous round has finished).
+    blocked: bool,
+}
+
+impl Stepper {
+    /// A server whose engine rounds are gated by the returned stepper (initially `permits`).
+    pub async fn server(extra: &[&str], permits: Option<usize>) -> (TestServer, Arc<Stepper>) {
+        let stepper = Stepper::new(permits);
+        let mut cfg = args(extra).validate().unwrap();
+        cfg.engine.round_hook = Some(stepper.hook());
+        (start_with(cfg).await, stepper)
+    }
+
+    pub fn new(permits: Option<usize>) -> Arc<Self> {
+        Arc::new(Stepper { state: Mutex::new(StepperState { permits, blocked: false }), cv: Condvar::new() })
+    }
+
+    pub fn hook(self: &Arc<Self>) -> RoundHook {
+        let me = self.clone();
+        RoundHook(Arc::new(move || me.take()))
+    }
+
+    pub fn take(&self) {
+        let mut s = self.state.lock().unwrap();
+        while s.permits == Some(0) {
+            s.blocked = true;
+            s = self.cv.wait(s).unwrap();
+        }
+        s.blocked = false;
+        if let Some(n) = s.permits.as_mut() {
+            *n -= 1;
+        }
+    }
+
+    pub fn grant(&self, n: usize) {
+        let mut s = self.state.lock().unwrap();
+        s.permits = Some(s.permits.unwrap_or(0) + n);
+        s.blocked = false;
+        self.cv.notify_all();
+    }
+
+    pub fn run_freely(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.permits = None;
+        s.blocked = false;
+        self.cv.notify_all();
+    }
+
+    /// The engine used every permit and waits before its next round (the last one finished).
+    pub fn blocked(&self) -> bool {
+        let s = self.state.lock().unwrap();
+        s.blocked && s.permits == Some(0)
+    }
 }
