@@ -245,3 +245,38 @@ async fn a_job_interrupted_by_a_restart_is_failed() {
     assert_eq!(job["status"], "failed");
     assert_eq!(job["error"], "interrupted by restart");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_running_at_shutdown_is_recorded_as_interrupted_before_exit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("s.db");
+    let url = format!("sqlite://{}", db.display());
+    let cfg = args(&["--database-url", &url, "--admin-token", TOKEN, "--shutdown-timeout", "0.2"]).validate().unwrap();
+    let (state, worker, _) = fitprune::server::start(&cfg).await.unwrap();
+    http_common::wait_ready(&state).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let s = TestServer {
+        base: format!("http://{}", listener.local_addr().unwrap()),
+        state: state.clone(),
+        client: reqwest::Client::new(),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = async move {
+        let _ = stop_rx.await;
+    };
+    let served = tokio::spawn(fitprune::server::serve(listener, state, worker, stop, cfg.shutdown_timeout));
+    let body = json!({"budgets": [0.2, 0.4, 0.6, 0.8], "samples": samples(12), "tolerance": 0.001});
+    let (status, created) = admin(&s, reqwest::Method::POST, "/admin/calibrate", Some(&body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    wait_job(&s, &id, &["running"]).await;
+    drop(s);
+    stop_tx.send(()).unwrap();
+    served.await.unwrap().unwrap();
+
+    // A new server on the same database finds the job already ended by the old one.
+    let s = server(&db, &["--admin-token", TOKEN]).await;
+    let (_, job) = admin(&s, reqwest::Method::GET, &format!("/admin/jobs/{id}"), None).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"], "interrupted: the server shut down", "{job}");
+}
