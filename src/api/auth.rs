@@ -14,7 +14,7 @@ use super::AppState;
 /// The credentials of `Authorization: <scheme> <token>` when the scheme is `Bearer` in any case.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.trim_start().split_once(|c: char| c == ' ' || c == '\t')?;
+    let (scheme, token) = value.trim_start().split_once([' ', '\t'])?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
