@@ -96,6 +96,17 @@ impl ApiError {
         }
     }
 
+    /// Logs the error with its details. Called inside the request's span (handlers, and SSE
+    /// bodies, which tower-http polls in it), so the line carries the x-request-id.
+    pub fn log(&self) {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(status = status.as_u16(), error = %self, "request failed");
+        } else {
+            tracing::info!(status = status.as_u16(), error = %self, "request refused");
+        }
+    }
+
     /// The OpenAI-shaped body (a server fault's details stay out of it).
     pub fn body(&self) -> ErrorBody {
         let (kind, param) = match self {
@@ -125,13 +136,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        self.log();
         let status = self.status();
-        // Logged inside the request's span, which carries its x-request-id.
-        if status.is_server_error() {
-            tracing::error!(status = status.as_u16(), error = %self, "request failed");
-        } else {
-            tracing::info!(status = status.as_u16(), error = %self, "request refused");
-        }
         let mut resp = (status, Json(self.body())).into_response();
         if status == StatusCode::TOO_MANY_REQUESTS || self.code() == ErrorCode::ModelLoading {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
