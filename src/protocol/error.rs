@@ -62,6 +62,8 @@ error_codes! {
     UnsupportedValue = "unsupported_value",
     /// The prompt, or the prompt plus `max_tokens`, exceeds the context.
     ContextLengthExceeded = "context_length_exceeded",
+    /// `max_tokens` needs more KV-cache memory than the server has (`--kv-cache-mib`).
+    KvCacheExceeded = "kv_cache_exceeded",
     /// The conversation does not fit the model (placeholders vs images).
     InvalidInput = "invalid_input",
     /// The model's chat template refused the conversation.
