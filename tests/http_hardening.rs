@@ -285,3 +285,69 @@ async fn jobs_failed_by_a_restart_are_counted_as_failed() {
     let text = s.metrics().await;
     assert_eq!(metric(&text, r#"fitprune_calibration_jobs_total{status="failed"}"#), Some(2.0), "{text}");
 }
+
+/// A recipe store that always fails, as a broken database would.
+struct BrokenStore;
+
+impl fitprune::engine::recipes::RecipeSource for BrokenStore {
+    fn for_model<'a>(
+        &'a self,
+        _: &'a fitprune::engine::ModelInfo,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<Vec<std::sync::Arc<fitprune::pruning::Recipe>>, fitprune::engine::recipes::RecipeError>,
+    > {
+        Box::pin(async { Err(fitprune::engine::recipes::RecipeError::Store("disk I/O error at page 7".into())) })
+    }
+}
+
+/// Log output collected in memory.
+#[derive(Clone, Default)]
+struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
+    type Writer = LogBuffer;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn a_server_fault_is_a_generic_500_logged_with_the_request_id() {
+    // A current-thread test runtime: the handler runs on this thread, under this subscriber.
+    let logs = LogBuffer::default();
+    let subscriber = tracing_subscriber::fmt().with_writer(logs.clone()).with_ansi(false).finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let (mut state, _worker, _recipes) = fitprune::server::start(&args(&[]).validate().unwrap()).await.unwrap();
+    wait_ready(&state).await;
+    state.recipes = std::sync::Arc::new(BrokenStore);
+    let s = serve(state).await;
+    let body = json!({"model": "demo", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}],
+        "pruning": {"budget": 0.5}});
+    let resp = s
+        .client
+        .post(format!("{}/v1/chat/completions", s.base))
+        .header("x-request-id", "req-fault-42")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(resp.headers()["x-request-id"], "req-fault-42");
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!((err["error"]["type"].as_str(), code(&err)), (Some("server_error"), "internal_error"), "{err}");
+    assert!(!err.to_string().contains("disk I/O"), "the body must not carry internals: {err}");
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let line = text.lines().find(|l| l.contains("request failed")).unwrap_or_else(|| panic!("no error line:\n{text}"));
+    assert!(line.contains("req-fault-42") && line.contains("disk I/O error at page 7"), "{line}");
+}
