@@ -351,3 +351,17 @@ async fn a_server_fault_is_a_generic_500_logged_with_the_request_id() {
     let line = text.lines().find(|l| l.contains("request failed")).unwrap_or_else(|| panic!("no error line:\n{text}"));
     assert!(line.contains("req-fault-42") && line.contains("disk I/O error at page 7"), "{line}");
 }
+
+#[tokio::test]
+async fn concurrent_requests_share_the_decoded_image_budget() {
+    // 1 MiB for everyone; each request's image decodes to 1.7 MiB, so they take turns.
+    let s = start(&["--max-decoded-image-mib", "1"]).await;
+    let budget = s.state.fetcher.decode_budget().clone();
+    assert_eq!(budget.available_kib(), 1024);
+    let url = data_url(&png(1000, 600));
+    let body = json!({"model": "demo", "max_tokens": 1, "messages": user_with_images("what?", &[&url])});
+    let (a, b) = tokio::join!(s.chat(&body), s.chat(&body));
+    assert_eq!(a.0, StatusCode::OK, "{}", a.2);
+    assert_eq!(b.0, StatusCode::OK, "{}", b.2);
+    assert_eq!(budget.available_kib(), 1024, "every reservation is returned");
+}
