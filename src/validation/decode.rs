@@ -204,9 +204,9 @@ mod tests {
     }
 
     #[test]
-    fn truncated_jpeg_and_png_are_refused_naming_the_part() {
+    fn truncated_images_of_every_format_are_refused_naming_the_part() {
         let limits = ImageLimits::default();
-        for format in [ImageFormat::Jpeg, ImageFormat::Png] {
+        for format in [ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::Gif, ImageFormat::WebP] {
             let whole = encode(&gradient(64, 48), format);
             assert!(decode(&whole, "p", &limits).is_ok(), "{format:?}");
             let half = &whole[..whole.len() / 2];
