@@ -9,6 +9,7 @@ use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
 
 use crate::engine::EngineConfig;
+use crate::validation::data_root::DataRoot;
 use crate::validation::ImageLimits;
 
 /// Log line format.
@@ -80,6 +81,14 @@ pub struct ServeArgs {
     /// Allow image URLs on private, loopback and link-local addresses.
     #[arg(long, env = "FITPRUNE_ALLOW_PRIVATE_IMAGE_URLS")]
     pub allow_private_image_urls: bool,
+    /// MiB of decoded image pixels all requests together may hold while decoding; a request
+    /// whose images do not fit waits until earlier ones are done with theirs.
+    #[arg(long, env = "FITPRUNE_MAX_DECODED_IMAGE_MIB", default_value_t = 2048)]
+    pub max_decoded_image_mib: u64,
+    /// Folder `POST /admin/calibrate` may read datasets (and their images) from; without it,
+    /// dataset input is refused and only inline samples are accepted.
+    #[arg(long, env = "FITPRUNE_CALIBRATION_DATA_DIR")]
+    pub calibration_data_dir: Option<PathBuf>,
     /// JSON file with pruning recipes (one object or a list) to serve `pruning` requests from.
     #[arg(long, env = "FITPRUNE_RECIPES")]
     pub recipes: Option<PathBuf>,
@@ -154,6 +163,8 @@ pub struct ServerConfig {
     pub admin_token: Option<String>,
     /// Calibration memo limit in bytes.
     pub calibration_cache_bytes: usize,
+    /// The calibration data root, canonicalised.
+    pub calibration_data_root: Option<DataRoot>,
     /// API key for /v1.
     pub api_key: Option<String>,
     /// Grace period on shutdown.
@@ -211,6 +222,14 @@ impl ServeArgs {
             max_redirects: 3,
             allow_private: self.allow_private_image_urls,
             pad_to_square: self.pad_to_square,
+            max_decoded_bytes: self.max_decoded_image_mib.max(1).saturating_mul(1 << 20),
+        };
+        let calibration_data_root = match &self.calibration_data_dir {
+            None => None,
+            Some(dir) => Some(DataRoot::new(dir).map_err(|e| ConfigError {
+                flag: "calibration-data-dir",
+                message: format!("{}: {e} (it must be an existing folder)", dir.display()),
+            })?),
         };
         Ok(ServerConfig {
             model: self.model,
@@ -241,6 +260,7 @@ impl ServeArgs {
             database_url: self.database_url,
             admin_token: self.admin_token,
             calibration_cache_bytes: self.calibration_cache_mib.saturating_mul(1 << 20),
+            calibration_data_root,
             api_key: self.api_key,
             shutdown_timeout: seconds("shutdown-timeout", self.shutdown_timeout)?,
         })
@@ -268,5 +288,9 @@ mod tests {
         assert_eq!(e.flag, "max-running");
         let e = ServeArgs::parse_from(["serve", "--device", "tpu"]).validate().unwrap_err();
         assert_eq!(e.flag, "device");
+        assert!(cfg.calibration_data_root.is_none(), "dataset input is off unless a root is given");
+        assert_eq!(cfg.images.max_decoded_bytes, 2048 << 20);
+        let e = ServeArgs::parse_from(["serve", "--calibration-data-dir", "/no/such/dir"]).validate().unwrap_err();
+        assert_eq!(e.flag, "calibration-data-dir");
     }
 }

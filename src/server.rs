@@ -60,11 +60,18 @@ pub async fn start(cfg: &ServerConfig) -> anyhow::Result<(AppState, JoinHandle<(
     let interrupted = store::jobs::fail_interrupted(&pool, &now).await?;
     if interrupted > 0 {
         warn!(jobs = interrupted, "calibration jobs left unfinished by a previous process were marked failed");
+        // Counted like any other failure, so the calibration-failed alert fires for them.
+        metrics.calibration_jobs.with_label_values(&["failed"]).inc_by(interrupted);
     }
     metrics.recipes_stored.set(store::recipes::count(&pool).await?);
     let db = Arc::new(DbRecipes::new(pool.clone()).with_file(recipes.clone()));
     let jobs = CalibrationJobs::start(pool, engine.clone(), db.clone(), metrics.clone(), cfg.calibration_cache_bytes)?;
-    let admin = AdminState { token: cfg.admin_token.clone(), recipes: db.clone(), jobs };
+    let admin = AdminState {
+        token: cfg.admin_token.clone(),
+        recipes: db.clone(),
+        jobs,
+        data_root: cfg.calibration_data_root.clone(),
+    };
     let source: Arc<dyn RecipeSource> = db;
     let state = AppState {
         engine,
@@ -87,7 +94,9 @@ pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish for
-/// `grace`, cancels whatever still runs, and joins the engine thread.
+/// `grace`, cancels whatever still runs, joins the engine thread, and last closes the database
+/// pool — after everything that writes to it has stopped — so SQLite checkpoints its WAL and
+/// removes the `-wal` and `-shm` files.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
@@ -97,6 +106,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let engine = state.engine.clone();
     let jobs = state.admin.as_ref().map(|a| a.jobs.clone());
+    let pool = state.admin.as_ref().map(|a| a.recipes.pool().clone());
     let (signalled_tx, mut signalled_rx) = tokio::sync::watch::channel(false);
     let drain_engine = engine.clone();
     let server = axum::serve(listener, build_app(state)).with_graceful_shutdown(async move {
@@ -120,12 +130,18 @@ pub async fn serve(
     }
     engine.shutdown();
     drop(engine);
-    tokio::task::spawn_blocking(move || worker.join()).await?.map_err(|_| anyhow::anyhow!("engine thread panicked"))?;
+    let joined = tokio::task::spawn_blocking(move || worker.join()).await;
     // The engine no longer runs layer evaluations, so a job in flight ends now; wait until its
-    // end is recorded.
+    // end is recorded, then close the pool.
     if let Some(jobs) = jobs {
         tokio::task::spawn_blocking(move || jobs.stop_and_join()).await?;
     }
+    // Closed even if the engine thread panicked: a clean database matters more than the order
+    // of error reports.
+    if let Some(pool) = pool {
+        pool.close().await;
+    }
+    joined?.map_err(|_| anyhow::anyhow!("engine thread panicked"))?;
     info!("stopped");
     Ok(())
 }

@@ -5,6 +5,8 @@
 //! Images are checked in two stages: here (count, data-URL size and syntax, URL scheme) and in
 //! [`images`] (fetching, header-first pixel check, decoding).
 
+pub mod data_root;
+pub mod decode;
 pub mod images;
 
 use crate::engine::recipes::PruningChoice;
@@ -12,6 +14,7 @@ use crate::engine::sampling::SamplingParams;
 use crate::engine::sequence::GenerationParams;
 use crate::model::prompt::{ChatMessage, ContentPart};
 use crate::protocol::chat::{ChatRequest, Content, Part, PruningField, Role};
+use crate::protocol::ErrorCode;
 
 pub use images::{ImageLimits, ImageRef, ImageSource};
 
@@ -25,7 +28,7 @@ pub const MAX_TOP_LOGPROBS: i64 = 20;
 pub enum ValidationError {
     /// A field is missing, out of range, or conflicts with another.
     #[error("{message}")]
-    Invalid { param: String, message: String, code: &'static str },
+    Invalid { param: String, message: String, code: ErrorCode },
     /// `model` names a model this server does not serve.
     #[error("the model `{requested}` does not exist; this server serves `{served}`")]
     UnknownModel { requested: String, served: String },
@@ -33,7 +36,7 @@ pub enum ValidationError {
 
 impl ValidationError {
     /// An invalid field.
-    pub fn invalid(param: impl Into<String>, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn invalid(param: impl Into<String>, code: ErrorCode, message: impl Into<String>) -> Self {
         Self::Invalid { param: param.into(), message: message.into(), code }
     }
 }
@@ -56,6 +59,10 @@ pub struct ValidRequest {
     pub images: Vec<ImageRef>,
     /// Sampling and limits.
     pub params: GenerationParams,
+    /// The field `params.max_tokens` came from (`max_completion_tokens` or `max_tokens`), if
+    /// the client set one: a limit the context cannot honour is refused naming it once the
+    /// prompt's length is known (no silent clamp); without one the context bounds generation.
+    pub max_tokens_param: Option<&'static str>,
     /// Stream as server-sent events.
     pub stream: bool,
     /// Send a final usage chunk when streaming.
@@ -96,23 +103,24 @@ pub fn validate(req: ChatRequest, settings: &ValidationSettings) -> Result<Valid
         (None, Some(n)) => Some(("max_tokens", n)),
         (None, None) => None,
     };
+    let max_tokens_param = max_tokens.map(|(param, _)| param);
     let max_tokens = match max_tokens {
         Some((param, n)) if n < 1 => {
             return Err(ValidationError::invalid(
                 param,
-                "invalid_value",
+                ErrorCode::InvalidValue,
                 format!("{param} must be at least 1, got {n}"),
             ))
         }
         Some((_, n)) => usize::try_from(n).unwrap_or(usize::MAX),
-        // The sequence clamps to what the context leaves.
+        // No limit asked for: generation runs until the context is full.
         None => usize::MAX,
     };
     let temperature = req.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ValidationError::invalid(
             "temperature",
-            "invalid_value",
+            ErrorCode::InvalidValue,
             format!("temperature must be in [0, 2], got {temperature}"),
         ));
     }
@@ -120,7 +128,7 @@ pub fn validate(req: ChatRequest, settings: &ValidationSettings) -> Result<Valid
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ValidationError::invalid(
             "top_p",
-            "invalid_value",
+            ErrorCode::InvalidValue,
             format!("top_p must be in (0, 1], got {top_p}"),
         ));
     }
@@ -129,7 +137,7 @@ pub fn validate(req: ChatRequest, settings: &ValidationSettings) -> Result<Valid
         Some(n) => {
             return Err(ValidationError::invalid(
                 "n",
-                "unsupported_value",
+                ErrorCode::UnsupportedValue,
                 format!("n must be 1 (this server generates one choice per request), got {n}"),
             ))
         }
@@ -138,7 +146,7 @@ pub fn validate(req: ChatRequest, settings: &ValidationSettings) -> Result<Valid
     if stop.len() > MAX_STOP {
         return Err(ValidationError::invalid(
             "stop",
-            "invalid_value",
+            ErrorCode::InvalidValue,
             format!("at most {MAX_STOP} stop strings, got {}", stop.len()),
         ));
     }
@@ -146,7 +154,11 @@ pub fn validate(req: ChatRequest, settings: &ValidationSettings) -> Result<Valid
     let stream = req.stream.unwrap_or(false);
     let include_usage = req.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
     if req.stream_options.is_some() && !stream {
-        return Err(ValidationError::invalid("stream_options", "invalid_value", "stream_options needs stream: true"));
+        return Err(ValidationError::invalid(
+            "stream_options",
+            ErrorCode::InvalidValue,
+            "stream_options needs stream: true",
+        ));
     }
     let default = match image_detail(&req)? {
         Some(Detail::High) => None,
@@ -164,6 +176,7 @@ pub fn validate(req: ChatRequest, settings: &ValidationSettings) -> Result<Valid
         messages,
         images,
         params: GenerationParams { sampling, max_tokens, stop },
+        max_tokens_param,
         stream,
         include_usage,
         logprobs,
@@ -176,7 +189,7 @@ fn refuse_unsupported(req: &ChatRequest) -> Result<(), ValidationError> {
     let unsupported = |param: &str, why: &str| {
         ValidationError::invalid(
             param,
-            "unsupported_parameter",
+            ErrorCode::UnsupportedParameter,
             format!("{param} is not supported by this server: {why}"),
         )
     };
@@ -205,12 +218,16 @@ fn logprob_options(req: &ChatRequest) -> Result<Option<LogprobOptions>, Validati
     if !(0..=MAX_TOP_LOGPROBS).contains(&top) {
         return Err(ValidationError::invalid(
             "top_logprobs",
-            "invalid_value",
+            ErrorCode::InvalidValue,
             format!("top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}"),
         ));
     }
     if req.top_logprobs.is_some() && !wanted {
-        return Err(ValidationError::invalid("top_logprobs", "invalid_value", "top_logprobs needs logprobs: true"));
+        return Err(ValidationError::invalid(
+            "top_logprobs",
+            ErrorCode::InvalidValue,
+            "top_logprobs needs logprobs: true",
+        ));
     }
     Ok(wanted
         .then(|| LogprobOptions { top: top as usize, as_token_ids: req.return_tokens_as_token_ids.unwrap_or(false) }))
@@ -236,7 +253,7 @@ fn image_detail(req: &ChatRequest) -> Result<Option<Detail>, ValidationError> {
                 Some(other) => {
                     return Err(ValidationError::invalid(
                         format!("messages[{i}].content[{j}].image_url.detail"),
-                        "invalid_value",
+                        ErrorCode::InvalidValue,
                         format!("detail must be auto, low or high, got {other:?}"),
                     ))
                 }
@@ -255,7 +272,7 @@ fn pruning_choice(field: Option<&PruningField>, default_budget: Option<f64>) -> 
         if (0.0..1.0).contains(&b) {
             Ok(PruningChoice::Budget(b))
         } else {
-            Err(ValidationError::invalid(param, "invalid_value", format!("{param} must be in [0, 1), got {b}")))
+            Err(ValidationError::invalid(param, ErrorCode::InvalidValue, format!("{param} must be in [0, 1), got {b}")))
         }
     };
     match field {
@@ -268,11 +285,11 @@ fn pruning_choice(field: Option<&PruningField>, default_budget: Option<f64>) -> 
             (Some(b), None) => check_budget(*b, "pruning.budget"),
             (None, Some(id)) if !id.is_empty() => Ok(PruningChoice::RecipeId(id.clone())),
             (None, Some(_)) => {
-                Err(ValidationError::invalid("pruning.recipe_id", "invalid_value", "recipe_id is empty"))
+                Err(ValidationError::invalid("pruning.recipe_id", ErrorCode::InvalidValue, "recipe_id is empty"))
             }
             _ => Err(ValidationError::invalid(
                 "pruning",
-                "invalid_value",
+                ErrorCode::InvalidValue,
                 "pruning must set exactly one of budget or recipe_id (or be \"off\")",
             )),
         },
@@ -285,7 +302,7 @@ fn convert_messages(
     limits: &ImageLimits,
 ) -> Result<(Vec<ChatMessage>, Vec<ImageRef>), ValidationError> {
     if req.messages.is_empty() {
-        return Err(ValidationError::invalid("messages", "invalid_value", "messages must not be empty"));
+        return Err(ValidationError::invalid("messages", ErrorCode::InvalidValue, "messages must not be empty"));
     }
     let mut messages = Vec::with_capacity(req.messages.len());
     let mut images = Vec::new();
@@ -299,7 +316,7 @@ fn convert_messages(
             None => {
                 return Err(ValidationError::invalid(
                     format!("messages[{i}].content"),
-                    "invalid_value",
+                    ErrorCode::InvalidValue,
                     "content is required",
                 ))
             }
@@ -314,7 +331,7 @@ fn convert_messages(
                             if images.len() == limits.max_images {
                                 return Err(ValidationError::invalid(
                                     "messages",
-                                    "too_many_images",
+                                    ErrorCode::TooManyImages,
                                     format!("at most {} images per request", limits.max_images),
                                 ));
                             }

@@ -179,3 +179,81 @@ fn a_cli_image_declaring_a_huge_canvas_is_refused_before_decoding() {
     assert!(!out.status.success());
     assert!(stderr.contains("50000x50000") && stderr.contains("pixels"), "{stderr}");
 }
+
+/// Answers one HTTP request on 127.0.0.1 with a PNG; returns the URL.
+fn one_shot_png_server() -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut conn, _)) = listener.accept() {
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            let png = fixture_bytes("square.png");
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                png.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(&png);
+        }
+    });
+    format!("http://{addr}/square.png")
+}
+
+fn fixture_bytes(name: &str) -> Vec<u8> {
+    std::fs::read(image(name)).unwrap()
+}
+
+#[test]
+fn cli_image_urls_pass_the_private_address_guard_unless_allowed() {
+    let cache = tempfile::tempdir().unwrap();
+    let url = one_shot_png_server();
+    let out = fitprune(&["generate", "--image", &url, "--max-tokens", "1"], cache.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("private") && stderr.contains("--allow-private-image-urls"), "{stderr}");
+    // The server's opt-out flag works here too (the one-shot server is still waiting).
+    let out = fitprune(&["generate", "--image", &url, "--max-tokens", "1", "--allow-private-image-urls"], cache.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn sigterm_closes_the_database_cleanly() {
+    use std::io::{BufRead, BufReader};
+    let cache = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let db = work.path().join("fp.db");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fitprune"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--database-url", &format!("sqlite://{}", db.display())])
+        .env("FITPRUNE_CACHE_DIR", cache.path())
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("listening") {
+            break;
+        }
+    }
+    assert!(log.contains("listening"), "{log}");
+    let wal = work.path().join("fp.db-wal");
+    assert!(wal.exists(), "the database runs in WAL mode while serving");
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    // Drain the rest of the log so the child never blocks on a full pipe.
+    for line in lines {
+        log.push_str(&line.unwrap_or_default());
+        log.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(!wal.exists(), "-wal left behind\n{log}");
+    assert!(!work.path().join("fp.db-shm").exists(), "-shm left behind\n{log}");
+    assert!(db.exists());
+}

@@ -210,3 +210,32 @@ async fn admin_post(app: &axum::Router, uri: &str, body: Value) -> String {
     let created: Value = serde_json::from_slice(&bytes).unwrap();
     created["id"].as_str().unwrap().to_string()
 }
+
+#[test]
+fn every_error_code_is_documented() {
+    let doc = document();
+    let documented: BTreeSet<String> = doc["components"]["schemas"]["ErrorBody"]["properties"]["error"]["properties"]
+        ["code"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    let defined: BTreeSet<String> = fitprune::protocol::ErrorCode::ALL.iter().map(|c| c.as_str().to_string()).collect();
+    assert_eq!(documented, defined);
+}
+
+#[tokio::test]
+async fn admin_lists_match_the_document() {
+    let doc = document();
+    let server = start(&["--admin-token", "t"]).await;
+    let app = fitprune::build_app(server.state.clone());
+    admin_post(&app, "/admin/recipes", json!({"deletions": [2, 0, 0, 0]})).await;
+    for (uri, schema) in [("/admin/recipes?limit=1", "RecipeList"), ("/admin/jobs", "JobList")] {
+        let req = Request::builder().uri(uri).header("authorization", "Bearer t").body(Body::empty()).unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "{uri}");
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        assert_matches(&doc, schema, &serde_json::from_slice(&bytes).unwrap());
+    }
+}

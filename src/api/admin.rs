@@ -1,34 +1,38 @@
-//! Admin API (Bearer token): calibration jobs and the recipe store.
+//! Admin API (Bearer token): calibration jobs and the recipe store (`POST /admin/calibrate` is
+//! in [`super::calibrate`]).
 //!
 //! Handlers only validate, call the store or the calibration thread, and answer; calibration
-//! itself runs in `jobs::calibration`.
+//! itself runs in `jobs::calibration`. Lists are paginated the OpenAI way: `limit` (1..=100,
+//! default 20) and `after` (the last id of the previous page) in, `has_more`, `first_id` and
+//! `last_id` out.
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, StatusCode};
-use axum::middleware::Next;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
-use crate::jobs::calibration::{CalibrationJobs, CalibrationRequest, CalibrationSample};
-use crate::pruning::dataset::load_dataset;
+use crate::jobs::calibration::CalibrationJobs;
+use crate::protocol::ErrorCode;
 use crate::pruning::recipe::{authors_scheme, authors_scheme_names, ModelShape};
 use crate::pruning::Recipe;
-use crate::store::jobs::{self, JobStatus, NewJob};
+use crate::store::jobs::{self, JobStatus};
 use crate::store::source::DbRecipes;
-use crate::store::{new_id, recipes};
-use crate::validation::images::{decode, parse_url};
+use crate::store::{new_id, recipes, Page, StoreError};
+use crate::validation::data_root::DataRoot;
 
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::AppState;
 
-/// Most samples one calibration job may carry.
-pub const MAX_SAMPLES: usize = 64;
+/// Default page size of the admin lists.
+pub const DEFAULT_PAGE: usize = 20;
+/// Largest page size of the admin lists.
+pub const MAX_PAGE: usize = 100;
 
 /// What the admin routes share.
 pub struct AdminState {
@@ -38,191 +42,115 @@ pub struct AdminState {
     pub recipes: Arc<DbRecipes>,
     /// The calibration thread.
     pub jobs: CalibrationJobs,
+    /// Where datasets may be read from (`--calibration-data-dir`); `None` refuses dataset input.
+    pub data_root: Option<DataRoot>,
 }
 
 impl AdminState {
-    fn pool(&self) -> &sqlx::SqlitePool {
+    pub(super) fn pool(&self) -> &sqlx::SqlitePool {
         self.recipes.pool()
     }
 }
 
-fn admin(state: &AppState) -> Result<&Arc<AdminState>, ApiError> {
+pub(super) fn admin(state: &AppState) -> Result<&Arc<AdminState>, ApiError> {
     state.admin.as_ref().ok_or_else(|| ApiError::Forbidden("the admin API is not configured on this server".into()))
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::Internal(e.to_string())
+/// `limit` and `after` of a list request.
+#[derive(Debug, Deserialize)]
+pub struct ListParams {
+    limit: Option<i64>,
+    after: Option<String>,
 }
 
-/// Requires `Authorization: Bearer <admin token>`, compared in constant time.
-pub async fn require_admin_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let Some(expected) = state.admin.as_ref().and_then(|a| a.token.clone()) else {
-        return ApiError::Forbidden(
-            "the admin API is disabled: start the server with --admin-token (or FITPRUNE_ADMIN_TOKEN) to enable it"
-                .into(),
-        )
-        .into_response();
-    };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
-        return ApiError::Unauthorized("a valid admin token is required: Authorization: Bearer <token>".into())
-            .into_response();
+/// An OpenAI-style list page.
+#[derive(Debug, Serialize)]
+pub struct ListPage<T> {
+    object: &'static str,
+    data: Vec<T>,
+    first_id: Option<String>,
+    last_id: Option<String>,
+    has_more: bool,
+}
+
+impl<T> ListPage<T> {
+    fn new(page: Page<T>, id: impl Fn(&T) -> &str) -> Self {
+        let first_id = page.data.first().map(|t| id(t).to_string());
+        let last_id = page.data.last().map(|t| id(t).to_string());
+        Self { object: "list", data: page.data, first_id, last_id, has_more: page.has_more }
     }
-    next.run(req).await
 }
 
-/// One inline calibration sample.
-#[derive(Debug, Deserialize)]
-pub struct SampleIn {
-    /// `data:` or http(s) URL, as in chat requests.
-    image: String,
-    /// The question.
-    prompt: String,
+/// Query strings that do not parse answer in the OpenAI error shape, not axum's plain text.
+fn query_error(e: QueryRejection) -> ApiError {
+    ApiError::bad_request(None, ErrorCode::InvalidType, format!("invalid query string: {}", e.body_text()))
 }
 
-/// A dataset file in the authors' format plus its image folder (paths on the server).
-#[derive(Debug, Deserialize)]
-pub struct DatasetIn {
-    path: String,
-    image_dir: String,
+fn page_size(limit: Option<i64>) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(DEFAULT_PAGE),
+        Some(n) if (1..=MAX_PAGE as i64).contains(&n) => Ok(n as usize),
+        Some(n) => Err(ApiError::bad_request(
+            Some("limit"),
+            ErrorCode::InvalidValue,
+            format!("limit must be in [1, {MAX_PAGE}], got {n}"),
+        )),
+    }
 }
 
-/// `POST /admin/calibrate` body.
-#[derive(Debug, Deserialize)]
-pub struct CalibrateIn {
-    budgets: Vec<f64>,
-    #[serde(default)]
-    samples: Vec<SampleIn>,
-    dataset: Option<DatasetIn>,
-    tolerance: Option<f64>,
-    name: Option<String>,
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::UnknownCursor(id) => ApiError::bad_request(
+            Some("after"),
+            ErrorCode::InvalidCursor,
+            format!("after names no item of this list: {id:?}"),
+        ),
+        other => ApiError::internal(other),
+    }
 }
 
-/// `POST /admin/calibrate`: validates, creates a queued job, returns 202 with its id.
-pub async fn calibrate(
+/// `GET /admin/jobs[?limit=N&after=ID]`, newest first.
+pub async fn list_jobs(
     State(state): State<AppState>,
-    ApiJson(body): ApiJson<CalibrateIn>,
-) -> Result<Response, ApiError> {
-    let admin = admin(&state)?;
-    let loaded = state.engine.ready()?;
-    let bad = |param: &str, message: String| ApiError::bad_request(Some(param), "invalid_value", message);
-    if body.budgets.is_empty() {
-        return Err(bad("budgets", "at least one budget is required".into()));
-    }
-    if let Some((i, b)) = body.budgets.iter().enumerate().find(|(_, b)| !(**b > 0.0 && **b < 1.0)) {
-        return Err(bad(&format!("budgets[{i}]"), format!("{b} is not in (0, 1)")));
-    }
-    let tolerance = body.tolerance.unwrap_or(0.01);
-    if !(tolerance > 0.0 && tolerance <= 0.5) {
-        return Err(bad("tolerance", format!("{tolerance} is not in (0, 0.5]")));
-    }
-    let samples = match (&body.dataset, body.samples.is_empty()) {
-        (Some(_), false) => return Err(bad("dataset", "give either samples or dataset, not both".into())),
-        (None, true) => return Err(bad("samples", "at least one sample (or a dataset) is required".into())),
-        (None, false) => inline_samples(&state, &body.samples).await?,
-        (Some(d), true) => dataset_samples(&state, d).await?,
-    };
-    if samples.len() > MAX_SAMPLES {
-        return Err(bad("samples", format!("{} samples; at most {MAX_SAMPLES}", samples.len())));
-    }
-    let id = new_id("job");
-    let now = crate::store::now();
-    let job = NewJob {
-        id: &id,
-        model_fingerprint: &loaded.info.fingerprint,
-        name: body.name.as_deref(),
-        budgets: &body.budgets,
-        tolerance,
-        samples: samples.len(),
-        created_at: &now,
-    };
-    jobs::create(admin.pool(), &job).await.map_err(internal)?;
-    let req = CalibrationRequest { job_id: id.clone(), name: body.name, budgets: body.budgets, tolerance, samples };
-    if !admin.jobs.submit(req) {
-        jobs::finish(admin.pool(), &id, JobStatus::Failed, Some("calibration thread stopped"), &[], &now)
-            .await
-            .map_err(internal)?;
-        return Err(ApiError::Unavailable {
-            message: "calibration is unavailable".into(),
-            code: "calibration_stopped".into(),
-        });
-    }
-    let location = format!("/admin/jobs/{id}");
-    Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(json!({"id": id, "status": "queued"})))
-        .into_response())
-}
-
-async fn inline_samples(state: &AppState, samples: &[SampleIn]) -> Result<Vec<CalibrationSample>, ApiError> {
-    let limits = state.fetcher.limits();
-    let mut refs = Vec::with_capacity(samples.len());
-    for (i, s) in samples.iter().enumerate() {
-        if s.prompt.trim().is_empty() {
-            return Err(ApiError::bad_request(
-                Some(&format!("samples[{i}].prompt")),
-                "invalid_value",
-                "the prompt is empty",
-            ));
-        }
-        refs.push(parse_url(&s.image, format!("samples[{i}].image"), limits)?);
-    }
-    let bytes = state.fetcher.fetch_all(&refs).await?;
-    let mut out = Vec::with_capacity(samples.len());
-    for ((s, r), b) in samples.iter().zip(&refs).zip(bytes) {
-        out.push(CalibrationSample { image: decode(&b, &r.param, limits)?, prompt: s.prompt.clone() });
-    }
-    Ok(out)
-}
-
-async fn dataset_samples(state: &AppState, d: &DatasetIn) -> Result<Vec<CalibrationSample>, ApiError> {
-    let entries = load_dataset(std::path::Path::new(&d.path), std::path::Path::new(&d.image_dir))
-        .map_err(|e| ApiError::bad_request(Some("dataset"), "invalid_dataset", e.to_string()))?;
-    let limits = state.fetcher.limits();
-    let mut out = Vec::with_capacity(entries.len());
-    for (i, e) in entries.into_iter().enumerate() {
-        let bytes = tokio::fs::read(&e.image).await.map_err(|err| {
-            ApiError::bad_request(Some("dataset"), "invalid_dataset", format!("{}: {err}", e.image.display()))
-        })?;
-        out.push(CalibrationSample { image: decode(&bytes, &format!("dataset[{i}].image"), limits)?, prompt: e.text });
-    }
-    Ok(out)
-}
-
-/// `GET /admin/jobs`.
-pub async fn list_jobs(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    let all = jobs::list(admin(&state)?.pool()).await.map_err(internal)?;
-    Ok(Json(json!({"object": "list", "data": all})))
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<ListPage<jobs::Job>>, ApiError> {
+    let Query(params) = params.map_err(query_error)?;
+    let limit = page_size(params.limit)?;
+    let page = jobs::page(admin(&state)?.pool(), params.after.as_deref(), limit).await.map_err(store_error)?;
+    Ok(Json(ListPage::new(page, |j| &j.id)))
 }
 
 /// `GET /admin/jobs/{id}`.
 pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<jobs::Job>, ApiError> {
-    match jobs::get(admin(&state)?.pool(), &id).await.map_err(internal)? {
+    match jobs::get(admin(&state)?.pool(), &id).await.map_err(ApiError::internal)? {
         Some(j) => Ok(Json(j)),
-        None => Err(not_found("job", &id)),
+        None => Err(not_found(ErrorCode::JobNotFound, "job", &id)),
     }
 }
 
 /// `DELETE /admin/jobs/{id}`: a queued job is cancelled at once, a running one at its next layer.
 pub async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<jobs::Job>, ApiError> {
     let admin = admin(&state)?;
-    let job = jobs::get(admin.pool(), &id).await.map_err(internal)?.ok_or_else(|| not_found("job", &id))?;
+    let job = jobs::get(admin.pool(), &id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| not_found(ErrorCode::JobNotFound, "job", &id))?;
     if job.status.is_final() {
         return Err(ApiError::bad_request(
             Some("id"),
-            "job_finished",
+            ErrorCode::JobFinished,
             format!("job {id} already ended ({:?})", job.status),
         ));
     }
     admin.jobs.cancel(&id);
     if job.status == JobStatus::Queued {
         let now = crate::store::now();
-        jobs::finish(admin.pool(), &id, JobStatus::Cancelled, None, &[], &now).await.map_err(internal)?;
+        jobs::finish(admin.pool(), &id, JobStatus::Cancelled, None, &[], &now).await.map_err(ApiError::internal)?;
     }
-    let job = jobs::get(admin.pool(), &id).await.map_err(internal)?.ok_or_else(|| not_found("job", &id))?;
+    let job = jobs::get(admin.pool(), &id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| not_found(ErrorCode::JobNotFound, "job", &id))?;
     Ok(Json(job))
 }
 
@@ -231,27 +159,32 @@ pub async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -
 pub struct RecipeFilter {
     /// A model fingerprint, or `loaded` for the model being served.
     model: Option<String>,
+    limit: Option<i64>,
+    after: Option<String>,
 }
 
-/// `GET /admin/recipes[?model=FINGERPRINT|loaded]`.
+/// `GET /admin/recipes[?model=FINGERPRINT|loaded][&limit=N&after=ID]`.
 pub async fn list_recipes(
     State(state): State<AppState>,
-    Query(filter): Query<RecipeFilter>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+    filter: Result<Query<RecipeFilter>, QueryRejection>,
+) -> Result<Json<ListPage<Recipe>>, ApiError> {
+    let Query(filter) = filter.map_err(query_error)?;
     let admin = admin(&state)?;
+    let limit = page_size(filter.limit)?;
     let model = match filter.model.as_deref() {
         Some("loaded") => Some(state.engine.ready()?.info.fingerprint.clone()),
         other => other.map(str::to_string),
     };
-    let all = recipes::list(admin.pool(), model.as_deref()).await.map_err(internal)?;
-    Ok(Json(json!({"object": "list", "data": all})))
+    let page =
+        recipes::page(admin.pool(), model.as_deref(), filter.after.as_deref(), limit).await.map_err(store_error)?;
+    Ok(Json(ListPage::new(page, |r| &r.id)))
 }
 
 /// `GET /admin/recipes/{id}`.
 pub async fn get_recipe(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Recipe>, ApiError> {
-    match recipes::get(admin(&state)?.pool(), &id).await.map_err(internal)? {
+    match recipes::get(admin(&state)?.pool(), &id).await.map_err(ApiError::internal)? {
         Some(r) => Ok(Json(r)),
-        None => Err(not_found("recipe", &id)),
+        None => Err(not_found(ErrorCode::RecipeNotFound, "recipe", &id)),
     }
 }
 
@@ -261,8 +194,8 @@ pub async fn delete_recipe(
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let admin = admin(&state)?;
-    if !recipes::delete(admin.pool(), &id).await.map_err(internal)? {
-        return Err(not_found("recipe", &id));
+    if !recipes::delete(admin.pool(), &id).await.map_err(ApiError::internal)? {
+        return Err(not_found(ErrorCode::RecipeNotFound, "recipe", &id));
     }
     admin.recipes.invalidate();
     if let Ok(n) = recipes::count(admin.pool()).await {
@@ -293,7 +226,7 @@ pub async fn import_recipe(
         ImportIn::Scheme { scheme } => authors_scheme(&scheme).ok_or_else(|| {
             ApiError::bad_request(
                 Some("scheme"),
-                "unknown_scheme",
+                ErrorCode::UnknownScheme,
                 format!("unknown scheme {scheme:?}; built in: {}", authors_scheme_names().join(", ")),
             )
         })?,
@@ -306,8 +239,15 @@ pub async fn import_recipe(
     let now = crate::store::now();
     let recipe = recipe
         .for_import(&shape, new_id("rcp"), now)
-        .map_err(|e| ApiError::bad_request(Some("deletions"), "invalid_recipe", e.to_string()))?;
-    recipes::insert(admin.pool(), &recipe).await.map_err(internal)?;
+        .map_err(|e| ApiError::bad_request(Some("deletions"), ErrorCode::InvalidRecipe, e.to_string()))?;
+    // Checked here so the insert cannot fail on the foreign key: every client fault is a 400
+    // by now, and an insert error is the server's.
+    if let Some(job) = &recipe.job_id {
+        if jobs::get(admin.pool(), job).await.map_err(ApiError::internal)?.is_none() {
+            return Err(ApiError::bad_request(Some("job_id"), ErrorCode::JobNotFound, format!("no job {job:?}")));
+        }
+    }
+    recipes::insert(admin.pool(), &recipe).await.map_err(ApiError::internal)?;
     admin.recipes.invalidate();
     if let Ok(n) = recipes::count(admin.pool()).await {
         state.metrics.recipes_stored.set(n);
@@ -315,10 +255,6 @@ pub async fn import_recipe(
     Ok((StatusCode::CREATED, Json(recipe)).into_response())
 }
 
-fn not_found(what: &str, id: &str) -> ApiError {
-    ApiError::NotFound {
-        message: format!("no {what} {id:?}"),
-        param: Some("id".into()),
-        code: format!("{what}_not_found"),
-    }
+fn not_found(code: ErrorCode, what: &str, id: &str) -> ApiError {
+    ApiError::NotFound { message: format!("no {what} {id:?}"), param: Some("id".into()), code }
 }

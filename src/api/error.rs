@@ -10,18 +10,22 @@ use crate::engine::recipes::RecipeError;
 use crate::engine::EngineError;
 use crate::model::prompt::PromptError;
 use crate::model::ModelError;
-use crate::protocol::{ErrorBody, ErrorDetail};
+use crate::protocol::{ErrorBody, ErrorCode, ErrorDetail};
 use crate::validation::ValidationError;
 
 /// Seconds a client should wait after a 429.
 pub const RETRY_AFTER_S: u64 = 1;
+
+/// What a client sees of a server fault: the details go to the log (with the request id).
+pub const INTERNAL_MESSAGE: &str =
+    "internal server error; the server log has the details under this response's x-request-id";
 
 /// An error response.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ApiError {
     /// 400: malformed or invalid input.
     #[error("{message}")]
-    BadRequest { message: String, param: Option<String>, code: Option<String> },
+    BadRequest { message: String, param: Option<String>, code: ErrorCode },
     /// 401: missing or wrong API key.
     #[error("{0}")]
     Unauthorized(String),
@@ -30,7 +34,7 @@ pub enum ApiError {
     Forbidden(String),
     /// 404: unknown route, model or recipe.
     #[error("{message}")]
-    NotFound { message: String, param: Option<String>, code: String },
+    NotFound { message: String, param: Option<String>, code: ErrorCode },
     /// 405: the route exists with other methods.
     #[error("{0}")]
     MethodNotAllowed(String),
@@ -39,22 +43,27 @@ pub enum ApiError {
     PayloadTooLarge(String),
     /// 422: well-formed input the model cannot process.
     #[error("{message}")]
-    Unprocessable { message: String, param: Option<String>, code: String },
+    Unprocessable { message: String, param: Option<String>, code: ErrorCode },
     /// 429: the queue is full.
     #[error("{0}")]
     TooManyRequests(String),
-    /// 500: a server fault (never bad input).
+    /// 500: a server fault (never bad input). The text is logged, never sent.
     #[error("{0}")]
     Internal(String),
     /// 503: loading, shutting down, stopped or timed out.
     #[error("{message}")]
-    Unavailable { message: String, code: String },
+    Unavailable { message: String, code: ErrorCode },
 }
 
 impl ApiError {
     /// A 400 naming the field at fault.
-    pub fn bad_request(param: Option<&str>, code: &str, message: impl Into<String>) -> Self {
-        Self::BadRequest { message: message.into(), param: param.map(str::to_string), code: Some(code.to_string()) }
+    pub fn bad_request(param: Option<&str>, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::BadRequest { message: message.into(), param: param.map(str::to_string), code }
+    }
+
+    /// A 500 from a lower layer's error (a store query, a broken invariant).
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        Self::Internal(e.to_string())
     }
 
     /// The one status match.
@@ -73,36 +82,64 @@ impl ApiError {
         }
     }
 
-    /// The OpenAI-shaped body.
-    pub fn body(&self) -> ErrorBody {
-        let (kind, param, code) = match self {
-            Self::BadRequest { param, code, .. } => ("invalid_request_error", param.clone(), code.clone()),
-            Self::Unauthorized(_) => ("authentication_error", None, Some("invalid_api_key".into())),
-            Self::Forbidden(_) => ("permission_error", None, Some("forbidden".into())),
-            Self::NotFound { param, code, .. } => ("not_found_error", param.clone(), Some(code.clone())),
-            Self::MethodNotAllowed(_) => ("invalid_request_error", None, Some("method_not_allowed".into())),
-            Self::PayloadTooLarge(_) => ("invalid_request_error", None, Some("request_too_large".into())),
-            Self::Unprocessable { param, code, .. } => ("invalid_request_error", param.clone(), Some(code.clone())),
-            Self::TooManyRequests(_) => ("rate_limit_error", None, Some("queue_full".into())),
-            Self::Internal(_) => ("server_error", None, None),
-            Self::Unavailable { code, .. } => ("service_unavailable_error", None, Some(code.clone())),
-        };
-        ErrorBody { error: ErrorDetail { message: self.to_string(), kind: kind.into(), param, code } }
+    /// The machine-readable code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::BadRequest { code, .. } | Self::NotFound { code, .. } | Self::Unprocessable { code, .. } => *code,
+            Self::Unavailable { code, .. } => *code,
+            Self::Unauthorized(_) => ErrorCode::InvalidApiKey,
+            Self::Forbidden(_) => ErrorCode::Forbidden,
+            Self::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
+            Self::PayloadTooLarge(_) => ErrorCode::RequestTooLarge,
+            Self::TooManyRequests(_) => ErrorCode::QueueFull,
+            Self::Internal(_) => ErrorCode::InternalError,
+        }
     }
-}
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+    /// Logs the error with its details. Called inside the request's span (handlers, and SSE
+    /// bodies, which tower-http polls in it), so the line carries the x-request-id.
+    pub fn log(&self) {
         let status = self.status();
         if status.is_server_error() {
             tracing::error!(status = status.as_u16(), error = %self, "request failed");
         } else {
             tracing::info!(status = status.as_u16(), error = %self, "request refused");
         }
+    }
+
+    /// The OpenAI-shaped body (a server fault's details stay out of it).
+    pub fn body(&self) -> ErrorBody {
+        let (kind, param) = match self {
+            Self::BadRequest { param, .. } | Self::Unprocessable { param, .. } => ("invalid_request_error", param),
+            Self::NotFound { param, .. } => ("not_found_error", param),
+            Self::Unauthorized(_) => ("authentication_error", &None),
+            Self::Forbidden(_) => ("permission_error", &None),
+            Self::MethodNotAllowed(_) | Self::PayloadTooLarge(_) => ("invalid_request_error", &None),
+            Self::TooManyRequests(_) => ("rate_limit_error", &None),
+            Self::Internal(_) => ("server_error", &None),
+            Self::Unavailable { .. } => ("service_unavailable_error", &None),
+        };
+        let message = match self {
+            Self::Internal(_) => INTERNAL_MESSAGE.to_string(),
+            other => other.to_string(),
+        };
+        ErrorBody {
+            error: ErrorDetail {
+                message,
+                kind: kind.into(),
+                param: param.clone(),
+                code: Some(self.code().as_str().to_string()),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.log();
+        let status = self.status();
         let mut resp = (status, Json(self.body())).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS
-            || matches!(&self, Self::Unavailable { code, .. } if code == "model_loading")
-        {
+        if status == StatusCode::TOO_MANY_REQUESTS || self.code() == ErrorCode::ModelLoading {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
         }
         resp
@@ -112,11 +149,9 @@ impl IntoResponse for ApiError {
 impl From<ValidationError> for ApiError {
     fn from(e: ValidationError) -> Self {
         match e {
-            ValidationError::Invalid { param, message, code } => {
-                Self::BadRequest { message, param: Some(param), code: Some(code.to_string()) }
-            }
+            ValidationError::Invalid { param, message, code } => Self::BadRequest { message, param: Some(param), code },
             e @ ValidationError::UnknownModel { .. } => {
-                Self::NotFound { message: e.to_string(), param: Some("model".into()), code: "model_not_found".into() }
+                Self::NotFound { message: e.to_string(), param: Some("model".into()), code: ErrorCode::ModelNotFound }
             }
         }
     }
@@ -124,40 +159,44 @@ impl From<ValidationError> for ApiError {
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        let unavailable = |code: &str, e: &EngineError| Self::Unavailable { message: e.to_string(), code: code.into() };
+        let unavailable = |code, e: &EngineError| Self::Unavailable { message: e.to_string(), code };
         match e {
             EngineError::QueueFull { .. } => Self::TooManyRequests(e.to_string()),
-            EngineError::Loading => unavailable("model_loading", &e),
-            EngineError::LoadFailed(_) => unavailable("model_load_failed", &e),
-            EngineError::ShuttingDown => unavailable("shutting_down", &e),
-            EngineError::Stopped => unavailable("engine_stopped", &e),
-            EngineError::Timeout(_) => unavailable("request_timeout", &e),
+            EngineError::Loading => unavailable(ErrorCode::ModelLoading, &e),
+            EngineError::LoadFailed(_) => unavailable(ErrorCode::ModelLoadFailed, &e),
+            EngineError::ShuttingDown => unavailable(ErrorCode::ShuttingDown, &e),
+            EngineError::Stopped => unavailable(ErrorCode::EngineStopped, &e),
+            EngineError::Timeout(_) => unavailable(ErrorCode::RequestTimeout, &e),
+            // Requests reach the engine validated and prepared (the prompt fits the context), so
+            // a model error there, even one the model layer calls `InvalidInput` (a hook's
+            // answer, a batch shape), is a broken invariant or a device fault: a 500.
+            EngineError::Model(m) => Self::Internal(m.to_string()),
+            EngineError::Internal(m) => Self::Internal(m),
             EngineError::Schedule(ref s) => Self::BadRequest {
                 message: s.to_string(),
                 param: Some("max_tokens".into()),
-                code: Some("kv_cache_exceeded".into()),
+                code: ErrorCode::KvCacheExceeded,
             },
-            EngineError::Model(m) => m.into(),
-            EngineError::Internal(m) => Self::Internal(m),
         }
     }
 }
 
+/// Errors of `LlavaModel::prepare` (rendering, image checks, tokenizing a request).
 impl From<ModelError> for ApiError {
     fn from(e: ModelError) -> Self {
         match e {
             ModelError::InvalidInput(message) => {
-                Self::BadRequest { message, param: Some("messages".into()), code: Some("invalid_input".into()) }
+                Self::BadRequest { message, param: Some("messages".into()), code: ErrorCode::InvalidInput }
             }
             ModelError::Prompt(PromptError::Rejected { message }) => Self::Unprocessable {
                 message: format!("the model's chat template rejected the conversation: {message}"),
                 param: Some("messages".into()),
-                code: "template_rejected".into(),
+                code: ErrorCode::TemplateRejected,
             },
             ModelError::Preprocess(p) => Self::Unprocessable {
                 message: format!("the image could not be preprocessed: {p}"),
                 param: Some("messages".into()),
-                code: "invalid_image".into(),
+                code: ErrorCode::InvalidImage,
             },
             other => Self::Internal(other.to_string()),
         }
@@ -176,7 +215,7 @@ mod tests {
 
     #[test]
     fn validation_errors_keep_param_and_code() {
-        let e: ApiError = ValidationError::invalid("top_p", "invalid_value", "bad").into();
+        let e: ApiError = ValidationError::invalid("top_p", ErrorCode::InvalidValue, "bad").into();
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
         let body = serde_json::to_value(e.body()).unwrap();
         assert_eq!(body["error"]["param"], "top_p");
@@ -197,5 +236,27 @@ mod tests {
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
         let e: ApiError = ModelError::Tokenizer("boom".into()).into();
         assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn faults_inside_the_engine_are_500s_that_keep_their_details_out_of_the_body() {
+        // The model layer reports a broken invariant as InvalidInput; past validation it is ours.
+        let e: ApiError =
+            EngineError::Model(ModelError::InvalidInput("decoder got 3 rows for 4 positions".into())).into();
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = serde_json::to_value(e.body()).unwrap();
+        assert_eq!(body["error"]["type"], "server_error");
+        assert_eq!(body["error"]["code"], "internal_error");
+        assert_eq!(body["error"]["message"], INTERNAL_MESSAGE);
+        assert!(!body.to_string().contains("rows"), "{body}");
+        // The detail is still what gets logged.
+        assert!(e.to_string().contains("3 rows"));
+    }
+
+    #[test]
+    fn every_code_has_a_distinct_snake_case_name() {
+        let names: std::collections::HashSet<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(names.len(), ErrorCode::ALL.len());
+        assert!(names.iter().all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_')));
     }
 }

@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use crate::protocol::ErrorCode;
 
 /// A JSON request body of type `T`.
 #[derive(Debug, Clone)]
@@ -25,17 +26,26 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 
 /// Parses a body, reporting the path of the offending field.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         match inner.classify() {
             serde_json::error::Category::Data => {
                 let param = param_of(&path, &inner.to_string());
-                ApiError::bad_request(param.as_deref(), "invalid_type", format!("invalid request body: {inner}"))
+                ApiError::bad_request(
+                    param.as_deref(),
+                    ErrorCode::InvalidType,
+                    format!("invalid request body: {inner}"),
+                )
             }
-            _ => ApiError::bad_request(None, "invalid_json", format!("the body is not valid JSON: {inner}")),
+            _ => ApiError::bad_request(None, ErrorCode::InvalidJson, format!("the body is not valid JSON: {inner}")),
         }
+    })?;
+    // serde stops after the first value; anything but whitespace after it (`{...} xyz`, a
+    // second object) means the client sent something other than what was parsed.
+    de.end().map_err(|e| {
+        ApiError::bad_request(None, ErrorCode::InvalidJson, format!("the body has data after the JSON value: {e}"))
     })?;
     Ok(value)
 }
@@ -56,7 +66,11 @@ fn body_error(e: BytesRejection) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::PayloadTooLarge(format!("the request body is too large: {}", e.body_text()))
     } else {
-        ApiError::bad_request(None, "invalid_body", format!("could not read the request body: {}", e.body_text()))
+        ApiError::bad_request(
+            None,
+            ErrorCode::InvalidBody,
+            format!("could not read the request body: {}", e.body_text()),
+        )
     }
 }
 
@@ -65,32 +79,40 @@ mod tests {
     use super::*;
     use crate::protocol::ChatRequest;
 
-    fn param(body: &str) -> (Option<String>, String) {
+    fn param(body: &str) -> (Option<String>, ErrorCode) {
         match parse::<ChatRequest>(body.as_bytes()) {
-            Err(ApiError::BadRequest { param, code, .. }) => (param, code.unwrap_or_default()),
+            Err(ApiError::BadRequest { param, code, .. }) => (param, code),
             other => panic!("{other:?}"),
         }
     }
 
     #[test]
     fn errors_name_the_field() {
-        assert_eq!(param("{"), (None, "invalid_json".into()));
-        assert_eq!(param("{}"), (Some("messages".into()), "invalid_type".into()));
+        assert_eq!(param("{"), (None, ErrorCode::InvalidJson));
+        assert_eq!(param("{}"), (Some("messages".into()), ErrorCode::InvalidType));
         assert_eq!(
             param(r#"{"messages": [{"content": "x"}]}"#),
-            (Some("messages[0].role".into()), "invalid_type".into())
+            (Some("messages[0].role".into()), ErrorCode::InvalidType)
         );
         assert_eq!(
             param(r#"{"messages": [], "temperature": "hot"}"#),
-            (Some("temperature".into()), "invalid_type".into())
+            (Some("temperature".into()), ErrorCode::InvalidType)
         );
         assert_eq!(
             param(r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}"#),
-            (Some("messages[0].content[0].image_url.url".into()), "invalid_type".into())
+            (Some("messages[0].content[0].image_url.url".into()), ErrorCode::InvalidType)
         );
         assert_eq!(
             param(r#"{"messages": [{"role": "user", "content": [{"type": "text"}]}]}"#),
-            (Some("messages[0].content[0].text".into()), "invalid_type".into())
+            (Some("messages[0].content[0].text".into()), ErrorCode::InvalidType)
         );
+    }
+
+    #[test]
+    fn trailing_data_after_the_value_is_refused() {
+        assert_eq!(param(r#"{"messages": []} xyz"#), (None, ErrorCode::InvalidJson));
+        assert_eq!(param(r#"{"messages": []}{"messages": []}"#), (None, ErrorCode::InvalidJson));
+        // Trailing whitespace is still fine.
+        assert!(parse::<ChatRequest>(b"{\"messages\": []}\n \t").is_ok());
     }
 }

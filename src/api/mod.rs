@@ -2,6 +2,8 @@
 //! router with its layers (request ids, tracing, metrics, body limit, API key).
 
 pub mod admin;
+pub mod auth;
+pub mod calibrate;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -11,10 +13,9 @@ mod sse;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderName, Method};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderName, Method};
+use axum::middleware;
 use axum::routing::{get, post};
 use axum::Router;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -28,6 +29,7 @@ use crate::validation::images::ImageFetcher;
 use crate::validation::ValidationSettings;
 
 use self::error::ApiError;
+use crate::protocol::ErrorCode;
 
 /// Every served (method, path) pair, as written in openapi.yaml (a test checks they agree).
 pub const ROUTES: &[(&str, &str)] = &[
@@ -85,14 +87,14 @@ pub fn build_app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{model}", get(openai::get_model))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_api_key));
     let admin_routes = Router::new()
-        .route("/admin/calibrate", post(admin::calibrate))
+        .route("/admin/calibrate", post(calibrate::calibrate))
         .route("/admin/jobs", get(admin::list_jobs))
         .route("/admin/jobs/{id}", get(admin::get_job).delete(admin::cancel_job))
         .route("/admin/recipes", get(admin::list_recipes).post(admin::import_recipe))
         .route("/admin/recipes/{id}", get(admin::get_recipe).delete(admin::delete_recipe))
-        .route_layer(middleware::from_fn_with_state(state.clone(), admin::require_admin_token));
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin_token));
     Router::new()
         .merge(v1)
         .merge(admin_routes)
@@ -121,26 +123,10 @@ async fn unknown_route(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::NotFound {
         message: format!("no route {method} {}", uri.path()),
         param: None,
-        code: "unknown_route".into(),
+        code: ErrorCode::UnknownRoute,
     }
 }
 
 async fn wrong_method(method: Method, uri: axum::http::Uri) -> ApiError {
     ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
-}
-
-/// Refuses `/v1/*` requests without `Authorization: Bearer <api key>` when a key is configured.
-async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(key) = &state.settings.api_key {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(key.as_str()) {
-            return ApiError::Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)".into())
-                .into_response();
-        }
-    }
-    next.run(req).await
 }

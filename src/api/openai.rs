@@ -23,6 +23,7 @@ use crate::validation::{images, LogprobOptions, ValidRequest};
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::{sse, AppState};
+use crate::protocol::ErrorCode;
 
 /// What every response of one completion shares.
 pub(super) struct ResponseMeta {
@@ -104,7 +105,7 @@ pub async fn chat_completions(
             return Err(ApiError::NotFound {
                 message: format!("no recipe `{id}` for the loaded model"),
                 param: Some("pruning.recipe_id".into()),
-                code: "recipe_not_found".into(),
+                code: ErrorCode::RecipeNotFound,
             })
         }
     };
@@ -141,7 +142,10 @@ pub async fn chat_completions(
     Ok(resp)
 }
 
-/// Fetches and decodes the images, then renders and tokenizes the prompt off the async workers.
+/// Fetches the images, reserves their decoded size from the server-wide budget (waiting while
+/// other requests hold it), then decodes them and renders and tokenizes the prompt off the
+/// async workers. The reservation ends when the decoded images are dropped, with the prompt's
+/// pixel tensor built.
 async fn prepare(
     state: &AppState,
     loaded: &Arc<LoadedModel>,
@@ -150,10 +154,16 @@ async fn prepare(
     let bytes = state.fetcher.fetch_all(&valid.images).await?;
     let refs = valid.images.clone();
     let limits = state.fetcher.limits().clone();
+    let mut decoded_bytes = 0u64;
+    for (b, r) in bytes.iter().zip(&refs) {
+        decoded_bytes += images::inspect(b, &r.param, &limits)?.decoded_bytes;
+    }
+    let permit = state.fetcher.decode_budget().reserve(decoded_bytes).await;
     let messages = valid.messages.clone();
     let model = loaded.model.clone();
     let max_context = loaded.info.max_context;
     let prompt = tokio::task::spawn_blocking(move || -> Result<PreparedPrompt, ApiError> {
+        let _permit = permit;
         let decoded = bytes
             .iter()
             .zip(&refs)
@@ -166,13 +176,28 @@ async fn prepare(
     if prompt.input_ids.len() >= max_context {
         return Err(ApiError::bad_request(
             Some("messages"),
-            "context_length_exceeded",
+            ErrorCode::ContextLengthExceeded,
             format!(
                 "the prompt is {} tokens ({} of them image tokens); the model's context is {max_context}",
                 prompt.input_ids.len(),
                 prompt.visual_tokens()
             ),
         ));
+    }
+    if let Some(param) = valid.max_tokens_param {
+        let left = max_context - prompt.input_ids.len();
+        if valid.params.max_tokens > left {
+            return Err(ApiError::bad_request(
+                Some(param),
+                ErrorCode::ContextLengthExceeded,
+                format!(
+                    "{param} is {} but the prompt is {} tokens of the model's {max_context}-token context, \
+                     which leaves {left}",
+                    valid.params.max_tokens,
+                    prompt.input_ids.len()
+                ),
+            ));
+        }
     }
     Ok(prompt)
 }
@@ -231,7 +256,7 @@ pub async fn get_model(State(state): State<AppState>, Path(model): Path<String>)
         Err(ApiError::NotFound {
             message: format!("the model `{model}` does not exist"),
             param: Some("model".into()),
-            code: "model_not_found".into(),
+            code: ErrorCode::ModelNotFound,
         })
     }
 }

@@ -82,11 +82,14 @@ impl StreamState {
                     self.finish();
                 }
                 Some(Event::Failed(e)) => {
-                    self.out.push_back(json_event(&ApiError::from(e).body()));
+                    let e = ApiError::from(e);
+                    e.log();
+                    self.out.push_back(json_event(&e.body()));
                     self.finish();
                 }
                 None => {
                     let e = ApiError::Internal("the engine ended the stream without a result".into());
+                    e.log();
                     self.out.push_back(json_event(&e.body()));
                     self.finish();
                 }

@@ -47,6 +47,9 @@ pub struct CalibrateArgs {
     /// Also store the recipes in this SQLite database (e.g. sqlite://fitprune.db).
     #[arg(long, env = "FITPRUNE_DATABASE_URL")]
     database_url: Option<String>,
+    /// Allow image URLs on private, loopback and link-local addresses (as `serve` does).
+    #[arg(long, env = "FITPRUNE_ALLOW_PRIVATE_IMAGE_URLS")]
+    allow_private_image_urls: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu", env = "FITPRUNE_DEVICE")]
     device: String,
@@ -76,7 +79,7 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     }
     let mut prompts = Vec::with_capacity(samples.len());
     for s in &samples {
-        let image = load_image(&s.image.to_string_lossy())?;
+        let image = load_image(&s.image.to_string_lossy(), args.allow_private_image_urls)?;
         let msg =
             ChatMessage { role: "user".into(), content: vec![ContentPart::Image, ContentPart::Text(s.text.clone())] };
         prompts.push(model.prepare(&[msg], std::slice::from_ref(&image))?);

@@ -68,6 +68,9 @@ pub struct GenerateArgs {
     /// Prune with the recipe(s) in this JSON file (one recipe or a list; see --budget).
     #[arg(long)]
     recipe: Option<PathBuf>,
+    /// Allow image URLs on private, loopback and link-local addresses (as `serve` does).
+    #[arg(long, env = "FITPRUNE_ALLOW_PRIVATE_IMAGE_URLS")]
+    allow_private_image_urls: bool,
     /// Pick the recipe with the largest budget at or below this one (from --recipe, else the
     /// authors' built-in LLaVA-1.5-7B schemes, which need a 32-layer decoder).
     #[arg(long)]
@@ -84,7 +87,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let load_start = Instant::now();
     let model = LlavaModel::load(&src.dir, LoadOptions { device, dtype, pad_to_square: args.pad_to_square })?;
     let load_time = load_start.elapsed();
-    let images = args.image.iter().map(|s| load_image(s)).collect::<anyhow::Result<Vec<_>>>()?;
+    let images =
+        args.image.iter().map(|s| load_image(s, args.allow_private_image_urls)).collect::<anyhow::Result<Vec<_>>>()?;
 
     let mut messages = Vec::new();
     if let Some(system) = &args.system {

@@ -7,4 +7,4 @@ pub mod models;
 pub mod stream;
 
 pub use chat::{ChatCompletion, ChatRequest};
-pub use error::{ErrorBody, ErrorDetail};
+pub use error::{ErrorBody, ErrorCode, ErrorDetail};

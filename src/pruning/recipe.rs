@@ -28,6 +28,13 @@ impl ModelShape {
 }
 use super::PruneError;
 
+/// Most visual tokens a recipe may be fitted for: far above any family (LLaVA-NeXT's largest grid
+/// is under 3,000 per image) and small enough to store as SQLite's signed 64-bit integer.
+pub const MAX_VISUAL_TOKENS: usize = 1 << 20;
+
+/// Most calibration samples a recipe may claim (stored as a signed 64-bit integer).
+pub const MAX_SAMPLES_FIELD: usize = 1 << 32;
+
 /// A fitted (or imported) pruning recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Recipe {
@@ -74,10 +81,17 @@ impl Recipe {
                 self.deletions.len()
             )));
         }
-        let total: usize = self.deletions.iter().sum();
-        if self.visual_tokens == 0 {
-            return Err(PruneError::InvalidRecipe("visual_tokens must be positive".into()));
+        if self.visual_tokens == 0 || self.visual_tokens > MAX_VISUAL_TOKENS {
+            return Err(PruneError::InvalidRecipe(format!(
+                "visual_tokens must be in [1, {MAX_VISUAL_TOKENS}], got {}",
+                self.visual_tokens
+            )));
         }
+        // Checked: a plain sum wraps (`[2^63, 2^63, 0, 0]` sums to 0 in release builds) and
+        // would pass as a recipe that deletes nothing while every layer deletes everything.
+        let total = self.deletions.iter().try_fold(0usize, |acc, &d| acc.checked_add(d)).ok_or_else(|| {
+            PruneError::InvalidRecipe(format!("deletions sum to more than the {} visual tokens", self.visual_tokens))
+        })?;
         if total > self.visual_tokens {
             return Err(PruneError::InvalidRecipe(format!(
                 "deletions sum to {total}, more than the {} visual tokens",
@@ -115,6 +129,9 @@ impl Recipe {
         }
         if self.visual_tokens == 0 {
             self.visual_tokens = model.visual_tokens;
+        }
+        if self.samples > MAX_SAMPLES_FIELD {
+            return Err(PruneError::InvalidRecipe(format!("samples must be at most {MAX_SAMPLES_FIELD}")));
         }
         self.model_fingerprint = model.fingerprint.clone();
         self.id = id;
@@ -227,6 +244,17 @@ mod tests {
         let mut r = recipe(vec![0, 0, 0], 10);
         r.budget = 1.5;
         assert!(r.validate(3).unwrap_err().to_string().contains("budget"));
+    }
+
+    #[test]
+    fn deletion_sums_that_overflow_are_refused() {
+        let e = recipe(vec![1 << 63, 1 << 63, 0, 0], 144).validate(4).unwrap_err().to_string();
+        assert!(e.contains("more than the 144 visual tokens"), "{e}");
+        let e = recipe(vec![usize::MAX, 1, 0, 0], 144).validate(4).unwrap_err().to_string();
+        assert!(e.contains("more than"), "{e}");
+        let e = recipe(vec![0, 0, 0, 0], usize::MAX).validate(4).unwrap_err().to_string();
+        assert!(e.contains("visual_tokens"), "{e}");
+        assert!(recipe(vec![0, 0, 0, 0], MAX_VISUAL_TOKENS).validate(4).is_ok());
     }
 
     #[test]

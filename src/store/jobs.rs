@@ -4,11 +4,12 @@
 use serde::Serialize;
 use sqlx::SqliteExecutor;
 
-use super::StoreError;
+use super::{Page, StoreError};
 
-/// A job's status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// A job's status; stored as its snake_case name (the column's CHECK lists the same names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
 #[serde(rename_all = "snake_case")]
+#[sqlx(rename_all = "snake_case")]
 pub enum JobStatus {
     /// Waiting for the engine.
     Queued,
@@ -23,7 +24,7 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
-    /// The column value.
+    /// The name (metric label, column value).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Queued => "queued",
@@ -32,17 +33,6 @@ impl JobStatus {
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
         }
-    }
-
-    fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "queued" => Self::Queued,
-            "running" => Self::Running,
-            "succeeded" => Self::Succeeded,
-            "failed" => Self::Failed,
-            "cancelled" => Self::Cancelled,
-            _ => return None,
-        })
     }
 
     /// Whether the job can no longer change.
@@ -80,7 +70,7 @@ pub struct Progress {
 #[derive(sqlx::FromRow)]
 struct Row {
     id: String,
-    status: String,
+    status: JobStatus,
     model_fingerprint: String,
     name: Option<String>,
     budgets: String,
@@ -99,12 +89,11 @@ struct Row {
 impl Row {
     fn into_job(self) -> Result<Job, StoreError> {
         let corrupt = |m: String| StoreError::Corrupt { id: self.id.clone(), message: m };
-        let status = JobStatus::parse(&self.status).ok_or_else(|| corrupt(format!("status {:?}", self.status)))?;
         let budgets = serde_json::from_str(&self.budgets).map_err(|e| corrupt(format!("budgets: {e}")))?;
         let recipe_ids = serde_json::from_str(&self.recipe_ids).map_err(|e| corrupt(format!("recipe_ids: {e}")))?;
         Ok(Job {
             id: self.id,
-            status,
+            status: self.status,
             model_fingerprint: self.model_fingerprint,
             name: self.name,
             budgets,
@@ -175,6 +164,42 @@ pub async fn list(db: impl SqliteExecutor<'_>) -> Result<Vec<Job>, StoreError> {
     rows.into_iter().map(Row::into_job).collect()
 }
 
+/// A page of jobs, newest first like [`list`], starting after the job `after`.
+pub async fn page(db: &sqlx::SqlitePool, after: Option<&str>, limit: usize) -> Result<Page<Job>, StoreError> {
+    let cursor: Option<(String, String)> = match after {
+        None => None,
+        Some(id) => Some(
+            sqlx::query_as("SELECT created_at, id FROM calibration_jobs WHERE id = ?")
+                .bind(id)
+                .fetch_optional(db)
+                .await?
+                .ok_or_else(|| StoreError::UnknownCursor(id.to_string()))?,
+        ),
+    };
+    let order = "ORDER BY created_at DESC, id LIMIT ?";
+    let rows: Vec<Row> = match cursor {
+        None => {
+            sqlx::query_as(&format!("SELECT {COLUMNS} FROM calibration_jobs {order}"))
+                .bind(limit as i64 + 1)
+                .fetch_all(db)
+                .await?
+        }
+        Some((created, id)) => {
+            sqlx::query_as(&format!(
+                "SELECT {COLUMNS} FROM calibration_jobs WHERE created_at < ? OR (created_at = ? AND id > ?) {order}"
+            ))
+            .bind(&created)
+            .bind(&created)
+            .bind(id)
+            .bind(limit as i64 + 1)
+            .fetch_all(db)
+            .await?
+        }
+    };
+    let jobs = rows.into_iter().map(Row::into_job).collect::<Result<Vec<_>, _>>()?;
+    Ok(Page::from_rows(jobs, limit))
+}
+
 /// queued -> running. `false` if the job was no longer queued (e.g. cancelled meanwhile).
 pub async fn start(db: impl SqliteExecutor<'_>, id: &str, at: &str) -> Result<bool, StoreError> {
     let r = sqlx::query(
@@ -212,7 +237,7 @@ pub async fn finish(
         "UPDATE calibration_jobs SET status = ?, error = ?, recipe_ids = ?, finished_at = ? \
          WHERE id = ? AND status IN ('queued', 'running')",
     )
-    .bind(status.as_str())
+    .bind(status)
     .bind(error)
     .bind(serde_json::to_string(recipe_ids).unwrap_or_else(|_| "[]".into()))
     .bind(at)
@@ -240,12 +265,6 @@ pub async fn fail_interrupted(db: impl SqliteExecutor<'_>, at: &str) -> Result<u
 mod tests {
     use super::*;
 
-    async fn pool() -> (tempfile::TempDir, sqlx::SqlitePool) {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = super::super::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
-        (dir, pool)
-    }
-
     fn new_job(id: &str) -> NewJob<'_> {
         NewJob {
             id,
@@ -258,9 +277,10 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn lifecycle_and_guards() {
-        let (_d, pool) = pool().await;
+    // `#[sqlx::test]`: a fresh database per test under target/sqlx (no DATABASE_URL needed for
+    // SQLite) with the embedded migrations applied.
+    #[sqlx::test]
+    async fn lifecycle_and_guards(pool: sqlx::SqlitePool) {
         create(&pool, &new_job("j1")).await.unwrap();
         let j = get(&pool, "j1").await.unwrap().unwrap();
         assert_eq!((j.status, j.budgets.clone(), j.samples), (JobStatus::Queued, vec![0.3, 0.5], 4));
@@ -277,9 +297,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn restart_fails_unfinished_jobs() {
-        let (_d, pool) = pool().await;
+    #[sqlx::test]
+    async fn restart_fails_unfinished_jobs(pool: sqlx::SqlitePool) {
         create(&pool, &new_job("a")).await.unwrap();
         create(&pool, &new_job("b")).await.unwrap();
         create(&pool, &new_job("c")).await.unwrap();
@@ -290,5 +309,41 @@ mod tests {
         assert_eq!((a.status, a.error.as_deref()), (JobStatus::Failed, Some("interrupted by restart")));
         assert_eq!(get(&pool, "c").await.unwrap().unwrap().status, JobStatus::Cancelled);
         assert_eq!(list(&pool).await.unwrap().len(), 3);
+    }
+
+    #[sqlx::test]
+    async fn pages_follow_the_listing_order_without_gaps(pool: sqlx::SqlitePool) {
+        // Five jobs, two sharing a creation time (the id breaks the tie).
+        for (id, at) in [("a", "t1"), ("b", "t3"), ("c", "t2"), ("d", "t3"), ("e", "t0")] {
+            create(&pool, &NewJob { created_at: at, ..new_job(id) }).await.unwrap();
+        }
+        let all: Vec<String> = list(&pool).await.unwrap().into_iter().map(|j| j.id).collect();
+        assert_eq!(all, ["b", "d", "c", "a", "e"]);
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let p = page(&pool, after.as_deref(), 2).await.unwrap();
+            assert!(p.data.len() <= 2);
+            seen.extend(p.data.iter().map(|j| j.id.clone()));
+            if !p.has_more {
+                break;
+            }
+            after = p.data.last().map(|j| j.id.clone());
+        }
+        assert_eq!(seen, all);
+        let p = page(&pool, Some("a"), 10).await.unwrap();
+        assert_eq!((p.data.len(), p.has_more), (1, false));
+        assert!(matches!(page(&pool, Some("zz"), 2).await, Err(StoreError::UnknownCursor(_))));
+    }
+
+    #[sqlx::test]
+    async fn a_status_outside_the_enum_is_an_error_not_a_panic(pool: sqlx::SqlitePool) {
+        create(&pool, &new_job("j")).await.unwrap();
+        // The CHECK constraint keeps bad names out; drop it to simulate a hand-edited row.
+        // (A pragma holds per connection, so one connection does both.)
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query("PRAGMA ignore_check_constraints = ON").execute(&mut *conn).await.unwrap();
+        sqlx::query("UPDATE calibration_jobs SET status = 'paused' WHERE id = 'j'").execute(&mut *conn).await.unwrap();
+        assert!(get(&mut *conn, "j").await.is_err());
     }
 }

@@ -32,6 +32,9 @@ pub enum StoreError {
     /// A query failed.
     #[error("database: {0}")]
     Query(#[from] sqlx::Error),
+    /// A page was asked to start after an id that is not in the listing.
+    #[error("no row {0:?} to list after")]
+    UnknownCursor(String),
     /// A stored row holds something that no longer parses.
     #[error("database row {id}: {message}")]
     Corrupt { id: String, message: String },
@@ -49,6 +52,24 @@ pub async fn open(url: &str) -> Result<SqlitePool, StoreError> {
     let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
     MIGRATOR.run(&pool).await?;
     Ok(pool)
+}
+
+/// One page of a keyset-paginated listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    /// The rows, in listing order.
+    pub data: Vec<T>,
+    /// Whether rows follow the last one.
+    pub has_more: bool,
+}
+
+impl<T> Page<T> {
+    /// Splits `limit + 1` fetched rows into a page of `limit` and whether more follow.
+    fn from_rows(mut data: Vec<T>, limit: usize) -> Self {
+        let has_more = data.len() > limit;
+        data.truncate(limit);
+        Self { data, has_more }
+    }
 }
 
 /// The current UTC time as stored in rows and recipes (RFC 3339, milliseconds).

@@ -2,7 +2,7 @@
 
 use sqlx::SqliteExecutor;
 
-use super::StoreError;
+use super::{Page, StoreError};
 use crate::pruning::Recipe;
 
 #[derive(sqlx::FromRow)]
@@ -68,19 +68,58 @@ pub async fn list(db: impl SqliteExecutor<'_>, model: Option<&str>) -> Result<Ve
     let rows: Vec<Row> = match model {
         Some(fp) => {
             sqlx::query_as(&format!(
-                "SELECT {COLUMNS} FROM recipes WHERE model_fingerprint = ? ORDER BY budget, created_at"
+                "SELECT {COLUMNS} FROM recipes WHERE model_fingerprint = ? ORDER BY budget, created_at, id"
             ))
             .bind(fp)
             .fetch_all(db)
             .await?
         }
         None => {
-            sqlx::query_as(&format!("SELECT {COLUMNS} FROM recipes ORDER BY model_fingerprint, budget, created_at"))
+            sqlx::query_as(&format!("SELECT {COLUMNS} FROM recipes ORDER BY model_fingerprint, budget, created_at, id"))
                 .fetch_all(db)
                 .await?
         }
     };
     rows.into_iter().map(Row::into_recipe).collect()
+}
+
+/// A page of recipes (all, or one model's) in the order of [`list`], starting after the recipe
+/// `after` (keyset pagination: stable while rows are added or deleted elsewhere in the list).
+pub async fn page(
+    db: &sqlx::SqlitePool,
+    model: Option<&str>,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Page<Recipe>, StoreError> {
+    // Sorted by model, budget, creation and id, the last making the order total.
+    let cursor: Option<(String, f64, String, String)> = match after {
+        None => None,
+        Some(id) => Some(
+            sqlx::query_as("SELECT model_fingerprint, budget, created_at, id FROM recipes WHERE id = ?")
+                .bind(id)
+                .fetch_optional(db)
+                .await?
+                .ok_or_else(|| StoreError::UnknownCursor(id.to_string()))?,
+        ),
+    };
+    let mut sql = format!("SELECT {COLUMNS} FROM recipes WHERE 1 = 1");
+    if model.is_some() {
+        sql.push_str(" AND model_fingerprint = ?");
+    }
+    if cursor.is_some() {
+        sql.push_str(" AND (model_fingerprint, budget, created_at, id) > (?, ?, ?, ?)");
+    }
+    sql.push_str(" ORDER BY model_fingerprint, budget, created_at, id LIMIT ?");
+    let mut q = sqlx::query_as::<_, Row>(&sql);
+    if let Some(fp) = model {
+        q = q.bind(fp);
+    }
+    if let Some((fp, budget, created, id)) = cursor {
+        q = q.bind(fp).bind(budget).bind(created).bind(id);
+    }
+    let rows = q.bind(limit as i64 + 1).fetch_all(db).await?;
+    let recipes = rows.into_iter().map(Row::into_recipe).collect::<Result<Vec<_>, _>>()?;
+    Ok(Page::from_rows(recipes, limit))
 }
 
 /// One recipe by id.
@@ -141,13 +180,34 @@ mod tests {
         assert_eq!(count(&pool).await.unwrap(), 2);
     }
 
-    #[tokio::test]
-    async fn check_constraints_reject_bad_rows() {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = super::super::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
+    #[sqlx::test]
+    async fn check_constraints_reject_bad_rows(pool: sqlx::SqlitePool) {
         assert!(insert(&pool, &recipe("x", "m", 1.5)).await.is_err());
         let mut r = recipe("y", "m", 0.5);
         r.job_id = Some("no-such-job".into());
         assert!(insert(&pool, &r).await.is_err(), "foreign keys are on");
+    }
+
+    #[sqlx::test]
+    async fn pages_cover_the_listing_once(pool: sqlx::SqlitePool) {
+        for (id, fp, b) in [("a", "m1", 0.5), ("b", "m1", 0.3), ("c", "m2", 0.7), ("d", "m1", 0.3), ("e", "m2", 0.1)] {
+            insert(&pool, &recipe(id, fp, b)).await.unwrap();
+        }
+        for model in [None, Some("m1")] {
+            let all: Vec<String> = list(&pool, model).await.unwrap().into_iter().map(|r| r.id).collect();
+            let mut seen = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let p = page(&pool, model, after.as_deref(), 2).await.unwrap();
+                seen.extend(p.data.iter().map(|r| r.id.clone()));
+                if !p.has_more {
+                    break;
+                }
+                after = p.data.last().map(|r| r.id.clone());
+            }
+            assert_eq!(seen, all, "{model:?}");
+        }
+        assert_eq!(page(&pool, Some("m2"), None, 10).await.unwrap().data.len(), 2);
+        assert!(matches!(page(&pool, None, Some("nope"), 2).await, Err(StoreError::UnknownCursor(_))));
     }
 }

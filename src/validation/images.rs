@@ -6,18 +6,19 @@
 //! allowed; the check runs in the DNS resolver (so a hostname cannot rebind to a private address
 //! after the check) and on every redirect.
 
-use std::io::Cursor;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use base64::engine::{general_purpose::GeneralPurpose, DecodePaddingMode, GeneralPurposeConfig};
 use base64::Engine as _;
-use image::{DynamicImage, ImageFormat, ImageReader};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use url::{Host, Url};
 
 use super::ValidationError;
+use crate::protocol::ErrorCode;
+
+pub use super::decode::{decode, inspect, DecodeBudget, Header};
 
 /// Limits on image inputs.
 #[derive(Debug, Clone)]
@@ -37,6 +38,9 @@ pub struct ImageLimits {
     /// Images are padded to a square before resizing (`--pad-to-square`): the square, not the
     /// image, counts against `max_pixels`, so a 20000x1 strip cannot become a 20000² canvas.
     pub pad_to_square: bool,
+    /// Decoded image bytes all chat requests together may hold while decoding (a
+    /// [`DecodeBudget`]); a request waits until its images fit.
+    pub max_decoded_bytes: u64,
 }
 
 impl Default for ImageLimits {
@@ -49,6 +53,7 @@ impl Default for ImageLimits {
             max_redirects: 3,
             allow_private: false,
             pad_to_square: false,
+            max_decoded_bytes: 2 << 30,
         }
     }
 }
@@ -82,11 +87,11 @@ pub fn parse_url(url: &str, param: String, limits: &ImageLimits) -> Result<Image
     let invalid = |code, message: String| ValidationError::invalid(param.clone(), code, message);
     if let Some(rest) = url.strip_prefix("data:") {
         let Some((meta, payload)) = rest.split_once(',') else {
-            return Err(invalid("invalid_image_url", "a data URL needs a comma before its payload".into()));
+            return Err(invalid(ErrorCode::InvalidImageUrl, "a data URL needs a comma before its payload".into()));
         };
         if !meta.ends_with(";base64") {
             return Err(invalid(
-                "invalid_image_url",
+                ErrorCode::InvalidImageUrl,
                 "only base64 data URLs are supported (data:image/png;base64,...)".into(),
             ));
         }
@@ -97,16 +102,16 @@ pub fn parse_url(url: &str, param: String, limits: &ImageLimits) -> Result<Image
         }
         let bytes = BASE64
             .decode(payload)
-            .map_err(|e| invalid("invalid_image_url", format!("invalid base64 in data URL: {e}")))?;
+            .map_err(|e| invalid(ErrorCode::InvalidImageUrl, format!("invalid base64 in data URL: {e}")))?;
         if bytes.len() > limits.max_bytes {
             return Err(too_large(&param, limits.max_bytes));
         }
         return Ok(ImageRef { param, source: ImageSource::Data(bytes) });
     }
-    let parsed = Url::parse(url).map_err(|e| invalid("invalid_image_url", format!("not a valid URL: {e}")))?;
+    let parsed = Url::parse(url).map_err(|e| invalid(ErrorCode::InvalidImageUrl, format!("not a valid URL: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(invalid(
-            "invalid_image_url",
+            ErrorCode::InvalidImageUrl,
             format!("unsupported URL scheme `{}`: use data:, http or https", parsed.scheme()),
         ));
     }
@@ -114,7 +119,7 @@ pub fn parse_url(url: &str, param: String, limits: &ImageLimits) -> Result<Image
         if let Some(ip) = literal_ip(&parsed) {
             if !is_public(ip) {
                 return Err(invalid(
-                    "image_url_private",
+                    ErrorCode::ImageUrlPrivate,
                     format!("image URL host {ip} is a private, loopback or link-local address"),
                 ));
             }
@@ -124,53 +129,7 @@ pub fn parse_url(url: &str, param: String, limits: &ImageLimits) -> Result<Image
 }
 
 fn too_large(param: &str, max: usize) -> ValidationError {
-    ValidationError::invalid(param, "image_too_large", format!("the image is larger than {max} bytes"))
-}
-
-/// Decodes an image after checking its format and its pixel count from the header.
-pub fn decode(bytes: &[u8], param: &str, limits: &ImageLimits) -> Result<DynamicImage, ValidationError> {
-    let invalid = |code, message: String| ValidationError::invalid(param, code, message);
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| invalid("invalid_image", format!("unreadable image: {e}")))?;
-    let format = match reader.format() {
-        Some(f @ (ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP | ImageFormat::Gif)) => f,
-        Some(other) => {
-            return Err(invalid(
-                "unsupported_image_format",
-                format!("{other:?} images are not supported; use PNG, JPEG, WebP or GIF"),
-            ))
-        }
-        None => return Err(invalid("invalid_image", "not a recognised image (PNG, JPEG, WebP or GIF)".into())),
-    };
-    let (w, h) =
-        reader.into_dimensions().map_err(|e| invalid("invalid_image", format!("unreadable image header: {e}")))?;
-    let pixels = u64::from(w) * u64::from(h);
-    if pixels > limits.max_pixels {
-        return Err(invalid(
-            "image_too_many_pixels",
-            format!("the image is {w}x{h} = {pixels} pixels; the limit is {}", limits.max_pixels),
-        ));
-    }
-    let side = u64::from(w.max(h));
-    if limits.pad_to_square && side * side > limits.max_pixels {
-        return Err(invalid(
-            "image_too_many_pixels",
-            format!(
-                "the image is {w}x{h}; padded to a square (--pad-to-square) it would be {} pixels; the limit is {}",
-                side * side,
-                limits.max_pixels
-            ),
-        ));
-    }
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let mut decode_limits = image::Limits::default();
-    decode_limits.max_image_width = Some(w);
-    decode_limits.max_image_height = Some(h);
-    // RGBA16 of the declared canvas, plus decoder scratch.
-    decode_limits.max_alloc = Some(pixels * 8 + (64 << 20));
-    reader.limits(decode_limits);
-    reader.decode().map_err(|e| invalid("invalid_image", format!("the image could not be decoded: {e}")))
+    ValidationError::invalid(param, ErrorCode::ImageTooLarge, format!("the image is larger than {max} bytes"))
 }
 
 /// Fetches http(s) images with the limits applied.
@@ -178,6 +137,7 @@ pub fn decode(bytes: &[u8], param: &str, limits: &ImageLimits) -> Result<Dynamic
 pub struct ImageFetcher {
     client: reqwest::Client,
     limits: ImageLimits,
+    budget: DecodeBudget,
 }
 
 /// Why a fetch was refused before or during connecting (found in reqwest's error chain).
@@ -213,12 +173,18 @@ impl ImageFetcher {
             .dns_resolver(Arc::new(GuardedResolver { allow_private }))
             .user_agent(concat!("fitprune/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { client, limits })
+        let budget = DecodeBudget::new(limits.max_decoded_bytes);
+        Ok(Self { client, limits, budget })
     }
 
     /// The limits in force.
     pub fn limits(&self) -> &ImageLimits {
         &self.limits
+    }
+
+    /// The server-wide decoded-image budget (shared by every clone of this fetcher).
+    pub fn decode_budget(&self) -> &DecodeBudget {
+        &self.budget
     }
 
     /// The bytes of every image, in order (URLs fetched concurrently).
@@ -239,7 +205,7 @@ impl ImageFetcher {
         if !resp.status().is_success() {
             return Err(ValidationError::invalid(
                 param,
-                "image_fetch_failed",
+                ErrorCode::ImageFetchFailed,
                 format!("fetching {url} returned HTTP {}", resp.status().as_u16()),
             ));
         }
@@ -262,7 +228,8 @@ fn fetch_error(e: reqwest::Error, param: &str, url: &Url, timeout: Duration) -> 
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
     while let Some(err) = source {
         if let Some(r) = err.downcast_ref::<Refusal>() {
-            let code = if matches!(r, Refusal::Private(_)) { "image_url_private" } else { "image_fetch_failed" };
+            let code =
+                if matches!(r, Refusal::Private(_)) { ErrorCode::ImageUrlPrivate } else { ErrorCode::ImageFetchFailed };
             return ValidationError::invalid(param, code, format!("fetching {url}: {r}"));
         }
         source = err.source();
@@ -272,7 +239,7 @@ fn fetch_error(e: reqwest::Error, param: &str, url: &Url, timeout: Duration) -> 
     } else {
         format!("fetching {url} failed: {e}")
     };
-    ValidationError::invalid(param, "image_fetch_failed", message)
+    ValidationError::invalid(param, ErrorCode::ImageFetchFailed, message)
 }
 
 /// Resolves hostnames and drops non-public addresses (unless allowed).
@@ -382,40 +349,12 @@ mod tests {
         assert!(matches!(parse_url(&small, "p".into(), &limits).unwrap().source, ImageSource::Data(b) if b.len() == 9));
         let big = format!("data:image/png;base64,{}", BASE64.encode([1u8; 30]));
         let e = parse_url(&big, "p".into(), &limits).unwrap_err();
-        assert!(matches!(e, ValidationError::Invalid { code: "image_too_large", .. }), "{e:?}");
+        assert!(matches!(e, ValidationError::Invalid { code: ErrorCode::ImageTooLarge, .. }), "{e:?}");
         let e = parse_url("data:image/png,abc", "p".into(), &limits).unwrap_err();
         assert!(e.to_string().contains("base64"), "{e}");
         let e = parse_url("ftp://x/y.png", "p".into(), &limits).unwrap_err();
         assert!(e.to_string().contains("scheme"), "{e}");
         let e = parse_url("http://127.0.0.1:9/a.png", "p".into(), &limits).unwrap_err();
-        assert!(matches!(e, ValidationError::Invalid { code: "image_url_private", .. }), "{e:?}");
-    }
-
-    #[test]
-    fn pixel_limit_reads_the_header_only() {
-        // A PNG header declaring 100000 x 100000 pixels with no image data at all.
-        let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR".to_vec();
-        png.extend_from_slice(&100_000u32.to_be_bytes());
-        png.extend_from_slice(&100_000u32.to_be_bytes());
-        png.extend_from_slice(&[8, 2, 0, 0, 0]);
-        let crc = crc32fast::hash(&png[12..]);
-        png.extend_from_slice(&crc.to_be_bytes());
-        // An empty IDAT and IEND: the decoder stops reading the header at the first IDAT.
-        for chunk in [&b"IDAT"[..], &b"IEND"[..]] {
-            png.extend_from_slice(&0u32.to_be_bytes());
-            png.extend_from_slice(chunk);
-            png.extend_from_slice(&crc32fast::hash(chunk).to_be_bytes());
-        }
-        let e = decode(&png, "p", &ImageLimits::default()).unwrap_err();
-        assert!(matches!(e, ValidationError::Invalid { code: "image_too_many_pixels", .. }), "{e:?}");
-        // A 400 x 10 strip is fine as is but not padded to a 400 x 400 square.
-        let mut strip = Cursor::new(Vec::new());
-        image::RgbImage::new(400, 10).write_to(&mut strip, ImageFormat::Png).unwrap();
-        let limits = ImageLimits { max_pixels: 100_000, ..Default::default() };
-        assert!(decode(strip.get_ref(), "p", &limits).is_ok());
-        let e = decode(strip.get_ref(), "p", &ImageLimits { pad_to_square: true, ..limits }).unwrap_err();
-        assert!(e.to_string().contains("square"), "{e}");
-        let e = decode(b"hello", "p", &ImageLimits::default()).unwrap_err();
-        assert!(matches!(e, ValidationError::Invalid { code: "invalid_image", .. }), "{e:?}");
+        assert!(matches!(e, ValidationError::Invalid { code: ErrorCode::ImageUrlPrivate, .. }), "{e:?}");
     }
 }

@@ -1,7 +1,7 @@
 //! Unit tests of request validation (ranges, combinations, conversion to template messages).
 
 use super::*;
-use crate::protocol::ChatRequest;
+use crate::protocol::{ChatRequest, ErrorCode};
 
 fn settings() -> ValidationSettings {
     ValidationSettings {
@@ -112,7 +112,7 @@ fn image_count_limit_and_default_budget() {
     let part = serde_json::json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}});
     let parts: Vec<_> = (0..9).map(|_| part.clone()).collect();
     let e = check(serde_json::json!({"messages": [{"role": "user", "content": parts}]})).unwrap_err();
-    assert!(matches!(e, ValidationError::Invalid { code: "too_many_images", .. }), "{e:?}");
+    assert!(matches!(e, ValidationError::Invalid { code: ErrorCode::TooManyImages, .. }), "{e:?}");
     let req: ChatRequest = serde_json::from_value(serde_json::json!({"messages": user("hi")})).unwrap();
     let v = validate(req, &ValidationSettings { default_budget: Some(0.4), ..settings() }).unwrap();
     assert_eq!(v.pruning, PruningChoice::Budget(0.4));
