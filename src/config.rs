@@ -8,6 +8,7 @@ use std::time::Duration;
 use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
 
+use crate::engine::fidelity::FidelityConfig;
 use crate::engine::EngineConfig;
 use crate::validation::data_root::DataRoot;
 use crate::validation::ImageLimits;
@@ -60,6 +61,13 @@ pub struct ServeArgs {
     /// fits: its pruned per-layer prompt rows plus max_tokens, so pruned requests cost less.
     #[arg(long, env = "FITPRUNE_KV_CACHE_MIB")]
     pub kv_cache_mib: Option<u64>,
+    /// Fraction of pruned chat requests whose prompt the engine re-runs unpruned when idle, to
+    /// measure the recipe's KL and top-1 agreement (`fitprune_fidelity_*` metrics); 0 = off.
+    #[arg(long, env = "FITPRUNE_FIDELITY_SAMPLE_RATE", default_value_t = 0.0)]
+    pub fidelity_sample_rate: f64,
+    /// Fidelity probes that may wait for an idle engine; more are dropped and counted.
+    #[arg(long, env = "FITPRUNE_FIDELITY_BACKLOG", default_value_t = 32)]
+    pub fidelity_backlog: usize,
     /// Seconds a request may take, queue wait included.
     #[arg(long, env = "FITPRUNE_REQUEST_TIMEOUT", default_value_t = 600.0)]
     pub request_timeout: f64,
@@ -248,6 +256,18 @@ impl ServeArgs {
                     Some(0) => return Err(ConfigError { flag: "kv-cache-mib", message: "must be at least 1".into() }),
                     Some(mib) => Some(mib.saturating_mul(1 << 20)),
                     None => None,
+                },
+                fidelity: FidelityConfig {
+                    sample_rate: match self.fidelity_sample_rate {
+                        r if (0.0..=1.0).contains(&r) => r,
+                        r => {
+                            return Err(ConfigError {
+                                flag: "fidelity-sample-rate",
+                                message: format!("must be in [0, 1], got {r}"),
+                            })
+                        }
+                    },
+                    backlog: positive("fidelity-backlog", self.fidelity_backlog)?,
                 },
                 round_hook: None,
                 fault: None,

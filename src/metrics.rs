@@ -24,6 +24,8 @@ const TPOT_BUCKETS: &[f64] =
     &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
 /// FLOPs reduction ratio buckets.
 const RATIO_BUCKETS: &[f64] = &[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+/// KL divergence buckets (nats): near-identical distributions up to clearly different ones.
+const KL_BUCKETS: &[f64] = &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
 /// Batch size buckets (requests per batched prefill or decode pass).
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0];
 
@@ -70,7 +72,22 @@ pub struct Metrics {
     pub recipes_stored: IntGauge,
     /// Engine scheduling and KV-cache series (see [`EngineMetrics`]).
     pub engine: EngineMetrics,
+    /// Live pruned-vs-unpruned comparisons (see [`FidelityMetrics`]).
+    pub fidelity: FidelityMetrics,
     model_info: IntGaugeVec,
+}
+
+/// The live fidelity monitor (`--fidelity-sample-rate`).
+#[derive(Clone)]
+pub struct FidelityMetrics {
+    /// KL(pruned ‖ unpruned) of first-token distributions, by `recipe`.
+    pub kl: HistogramVec,
+    /// Probes by `recipe` and whether the top-1 tokens agreed (`agree` = true | false).
+    pub top1_agreement: IntCounterVec,
+    /// Probes dropped (backlog full or failed).
+    pub dropped: IntCounter,
+    /// Probes waiting.
+    pub backlog: IntGauge,
 }
 
 /// The engine step and its KV-cache memory.
@@ -187,6 +204,29 @@ impl Metrics {
             )?,
             step_duration,
         };
+        let fidelity_kl = HistogramVec::new(
+            HistogramOpts::new(
+                "fitprune_fidelity_kl",
+                "KL divergence (nats) of a pruned request's first-token distribution from the unpruned one",
+            )
+            .buckets(KL_BUCKETS.to_vec()),
+            &["recipe"],
+        )?;
+        registry.register(Box::new(fidelity_kl.clone()))?;
+        let top1_agreement = IntCounterVec::new(
+            Opts::new(
+                "fitprune_fidelity_top1_agreement_total",
+                "Fidelity probes by recipe and whether pruned and unpruned top-1 first tokens agree",
+            ),
+            &["recipe", "agree"],
+        )?;
+        registry.register(Box::new(top1_agreement.clone()))?;
+        let fidelity = FidelityMetrics {
+            kl: fidelity_kl,
+            top1_agreement,
+            dropped: counter("fitprune_fidelity_dropped_total", "Fidelity probes dropped (backlog full or failed)")?,
+            backlog: gauge("fitprune_fidelity_backlog", "Fidelity probes waiting for an idle engine")?,
+        };
         let tokens = TokenCounters {
             prompt: counter("fitprune_prompt_tokens_total", "Prompt tokens prefilled, image tokens included")?,
             image: counter("fitprune_image_tokens_total", "Visual tokens in prompts")?,
@@ -232,6 +272,7 @@ impl Metrics {
             )?,
             recipes_stored: gauge("fitprune_recipes_stored", "Recipes in the store")?,
             engine,
+            fidelity,
             model_info,
             registry,
         };

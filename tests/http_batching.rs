@@ -230,3 +230,36 @@ async fn background_work_runs_on_the_engine_thread_only_when_no_chat_work_exists
     // Generated tokens are counted when a request finishes: non-zero means the stream had ended.
     assert!(seen.1 > 0 && seen.1 >= tokens, "the slice ran before the stream's {tokens} tokens: {}", seen.1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fidelity_monitor_compares_sampled_pruned_requests_with_their_unpruned_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = demo_recipes_file(dir.path());
+    let server = start(&["--recipes", file.to_str().unwrap(), "--fidelity-sample-rate", "1"]).await;
+    let request = |pruning: Value| {
+        json!({"messages": user_with_images("What is this?", &[&data_url(&png(32, 32))]), "max_tokens": 2,
+            "temperature": 0, "pruning": pruning})
+    };
+    for pruning in [json!({"recipe_id": "r60"}), json!("off"), json!({"recipe_id": "r60"})] {
+        let (status, _, body) = server.chat(&request(pruning)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let probes = |text: &str| {
+        ["true", "false"]
+            .iter()
+            .filter_map(|a| {
+                metric(text, &format!(r#"fitprune_fidelity_top1_agreement_total{{agree="{a}",recipe="r60"}}"#))
+            })
+            .sum::<f64>()
+    };
+    let metrics = server.state.metrics.clone();
+    eventually("both pruned requests probed", || probes(&metrics.render().unwrap()) == 2.0).await;
+    let text = server.metrics().await;
+    // Only the pruned requests were probed, each once; r60 deletes 40 of 144 visual tokens at
+    // layer 0, so the distributions differ (KL > 0) but stay close.
+    assert_eq!(metric(&text, r#"fitprune_fidelity_kl_count{recipe="r60"}"#), Some(2.0));
+    let kl = metric(&text, r#"fitprune_fidelity_kl_sum{recipe="r60"}"#).unwrap();
+    assert!(kl > 0.0 && kl.is_finite(), "{kl}");
+    assert_eq!(metric(&text, "fitprune_fidelity_dropped_total"), Some(0.0));
+    assert_eq!(metric(&text, "fitprune_fidelity_backlog"), Some(0.0));
+}

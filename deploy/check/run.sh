@@ -67,7 +67,8 @@ trap cleanup EXIT
 
 # Configured through FITPRUNE_* variables, as the container is (JSON logs as in compose/k8s).
 FITPRUNE_CACHE_DIR="$run/cache" FITPRUNE_ADDR="127.0.0.1:$port" FITPRUNE_DATABASE_URL="sqlite://$run/fitprune.db" \
-    FITPRUNE_ADMIN_TOKEN="$token" FITPRUNE_LOG_FORMAT=json "$bin" serve >"$run/server.log" 2>&1 &
+    FITPRUNE_ADMIN_TOKEN="$token" FITPRUNE_LOG_FORMAT=json FITPRUNE_FIDELITY_SAMPLE_RATE=1 \
+    "$bin" serve >"$run/server.log" 2>&1 &
 pids+=($!)
 
 # The shipped scrape config, pointed at the local server and scraping every second.

@@ -81,6 +81,9 @@ def main():
     for i, budget in enumerate((0.5, 0.3, 0.5)):
         if i == 1:
             wait_for_scrape('fitprune_prefill_duration_seconds_count{pruned="true"}')
+            # Likewise the fidelity probe of that first pruned chat (the server runs with
+            # FITPRUNE_FIDELITY_SAMPLE_RATE=1; the probe completes once the engine is idle).
+            wait_for_scrape('fitprune_fidelity_kl_count{recipe!=""}')
         r = call("POST", "/v1/chat/completions", chat_body(model, {"budget": budget}))
         reply = expect(r, 200, f"pruned chat (budget {budget})")
         p = reply.get("pruning") or {}

@@ -13,6 +13,7 @@ use crate::metrics::Metrics;
 use crate::model::{LlavaModel, ModelError, PreparedPrompt};
 use crate::pruning::Recipe;
 
+use super::fidelity::FidelityConfig;
 use super::scheduler::ScheduleError;
 use super::sequence::{FinishReason, GeneratedToken, GenerationParams};
 use super::worker::{self, LoadedModel};
@@ -32,6 +33,8 @@ pub struct EngineConfig {
     /// KV-cache bytes all running sequences may hold; `None` = the device default
     /// (`engine::worker::default_kv_capacity`).
     pub kv_cache_bytes: Option<u64>,
+    /// The live fidelity monitor (off by default).
+    pub fidelity: FidelityConfig,
     /// Called before every engine step (not set by the CLI).
     pub round_hook: Option<RoundHook>,
     /// Makes chosen passes fail, to test the fault paths (not set by the CLI).
@@ -46,6 +49,7 @@ impl Default for EngineConfig {
             request_timeout: Duration::from_secs(600),
             max_batch_prefill_tokens: 4096,
             kv_cache_bytes: None,
+            fidelity: FidelityConfig::default(),
             round_hook: None,
             fault: None,
         }

@@ -245,6 +245,11 @@ impl Sequence {
         Some((token, (self.prompt_tokens + self.completion_tokens - 1) as u32))
     }
 
+    /// The logits the next sample will use (right after prefill: the first-token distribution).
+    pub fn pending_logits(&self) -> Option<&[f32]> {
+        self.logits.as_deref()
+    }
+
     /// The sequence's KV cache (a decode pass appends to it).
     pub fn cache_mut(&mut self) -> &mut KvCache {
         &mut self.cache

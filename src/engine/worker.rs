@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::metrics::CancelReason;
 use crate::model::{LlavaModel, ModelError};
 
+use super::fidelity::Monitor;
 use super::kv::KvDemand;
 use super::queue::{BackgroundWork, Command, EngineError, EngineState, Event, Loader, Phase, Queued, Shared};
 use super::running::Running;
@@ -76,6 +77,10 @@ struct Worker {
     waiting: HashMap<SeqId, Waiting>,
     running: HashMap<SeqId, Running>,
     background: VecDeque<Box<dyn BackgroundWork>>,
+    /// Unpruned passes comparing pruned answers, also background work.
+    fidelity: Monitor,
+    /// Idle steps alternate between calibration slices and fidelity slices.
+    fidelity_turn: bool,
     next_id: SeqId,
     /// All handles are gone: finish what is in flight, then exit.
     disconnected: bool,
@@ -113,6 +118,8 @@ pub(super) fn run(loader: Loader, shared: Arc<Shared>, rx: Receiver<Command>) {
         waiting: HashMap::new(),
         running: HashMap::new(),
         background: VecDeque::new(),
+        fidelity: Monitor::new(config.fidelity),
+        fidelity_turn: false,
         next_id: 0,
         disconnected: false,
     };
@@ -127,7 +134,7 @@ pub(super) fn run(loader: Loader, shared: Arc<Shared>, rx: Receiver<Command>) {
 impl Worker {
     fn run(&mut self) {
         loop {
-            let idle = self.scheduler.is_idle() && self.background.is_empty();
+            let idle = self.scheduler.is_idle() && self.background.is_empty() && !self.fidelity.has_work();
             if idle && self.disconnected {
                 return;
             }
@@ -205,11 +212,7 @@ impl Worker {
         self.drop_abandoned();
         let plan = self.scheduler.schedule();
         if plan.is_empty() {
-            if let Some(work) = self.background.front_mut() {
-                if !work.step(&self.loaded.model) {
-                    self.background.pop_front();
-                }
-            }
+            self.background_slice();
             return;
         }
         if !plan.prefill.is_empty() {
@@ -227,6 +230,20 @@ impl Worker {
             self.observe_step("decode", started);
         }
         self.publish_gauges();
+    }
+
+    /// One slice of background work in a step with no chat work: calibration and fidelity
+    /// probes take turns when both wait.
+    fn background_slice(&mut self) {
+        self.fidelity_turn = !self.fidelity_turn;
+        let fidelity_first = self.fidelity_turn || self.background.is_empty();
+        if fidelity_first && self.fidelity.has_work() {
+            self.fidelity.step(&self.loaded.model, &self.shared.metrics);
+        } else if let Some(work) = self.background.front_mut() {
+            if !work.step(&self.loaded.model) {
+                self.background.pop_front();
+            }
+        }
     }
 
     fn observe_step(&self, phase: &str, started: Instant) {
@@ -369,6 +386,9 @@ impl Worker {
     ) {
         let metrics = &self.shared.metrics;
         metrics.engine.kv_tokens_saved.inc_by(w.demand.tokens_saved);
+        if let (Some(_), Some(recipe), Some(logits)) = (&prune, &w.queued.job.recipe, seq.pending_logits()) {
+            self.fidelity.offer(&recipe.id, &w.queued.job.prompt, logits, metrics);
+        }
         match Running::start(w.queued, prune, seq, prefill_s, &self.loaded.info, metrics) {
             Some(r) => {
                 self.running.insert(id, r);

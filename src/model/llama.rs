@@ -511,6 +511,12 @@ impl Llama {
         self.layers[l].finish(x, attn, idx.as_ref())
     }
 
+    /// Logits (batch, vocab) in f32 of the last row of a last layer's output `x` (batch, rows,
+    /// hidden) before the final norm (the end of a layer-by-layer pass).
+    pub fn final_logits(&self, x: &Tensor) -> Result<Tensor> {
+        self.last_logits(&self.norm.forward(x)?)
+    }
+
     /// Logits (batch, vocab) in f32 of the last row of `hidden` (batch, rows, hidden).
     pub fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let rows = hidden.dim(1)?;
