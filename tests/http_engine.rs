@@ -129,19 +129,20 @@ async fn a_dropped_connection_cancels_a_non_streaming_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn round_robin_lets_a_short_request_finish_beside_a_long_one() {
+async fn every_step_advances_every_running_sequence_so_a_short_request_finishes_beside_a_long_one() {
     let (server, stepper) = Stepper::server(&["--max-running", "2"], Some(0)).await;
     let long = tokio::spawn(post(&server, &long_stream()).send());
     let short_req = tokio::spawn(post(&server, &short()).send());
     eventually("both requests waiting", || server.state.engine.waiting() == 2).await;
-    // Round 1 admits both (one batched prefill); each round steps every running sequence, so the
-    // 2-token request is done within five rounds while the long one keeps running.
+    // Step 1 admits both (one batched prefill, first tokens sampled); step 2's batched decode
+    // gives each its second token, so the 2-token request is done well within five steps while
+    // the long one keeps running.
     stepper.grant(5);
     let resp = short_req.await.unwrap().unwrap();
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["usage"]["completion_tokens"], 2);
-    eventually("five rounds ran", || stepper.blocked()).await;
+    eventually("five steps ran", || stepper.blocked()).await;
     assert_eq!(metric(&server.metrics().await, "fitprune_requests_running"), Some(1.0));
     let long = long.await.unwrap().unwrap();
     assert_eq!(long.status(), 200);

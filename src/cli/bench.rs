@@ -56,7 +56,7 @@ pub struct BenchArgs {
     /// (e.g. 1,2,4,8,16), decoding --decode-tokens each, unpruned and at each --budgets value.
     #[arg(long, value_delimiter = ',')]
     concurrency: Vec<usize>,
-    /// KV-cache MiB for the admission count of --concurrency (default: room for 4 unpruned).
+    /// KV-cache MiB for the admission count of --concurrency (default: room for 16 unpruned).
     #[arg(long)]
     kv_cache_mib: Option<u64>,
 }

@@ -26,7 +26,7 @@ pub struct ConcurrencyBench {
     pub max_tokens: usize,
     /// `(budget, per-layer deletions)` rows; budget 0 is unpruned.
     pub rows: Vec<(f64, Vec<usize>)>,
-    /// KV budget for the admission count, in MiB; `None` = room for 4 unpruned sequences.
+    /// KV budget for the admission count, in MiB; `None` = room for 16 unpruned sequences.
     pub kv_cache_mib: Option<u64>,
 }
 
@@ -111,6 +111,43 @@ pub fn run(
     admission_table(&loaded, bench, &prompts[0]);
     engine.shutdown();
     worker.join().map_err(|_| anyhow!("engine thread panicked"))?;
+    pass_table(&model, bench, &prompts)?;
+    Ok(())
+}
+
+/// One decode pass per sequence (the round-robin engine this one replaced) against one batched
+/// pass for all of them, on the same prefilled caches, in one run.
+fn pass_table(model: &LlavaModel, bench: &ConcurrencyBench, prompts: &[PreparedPrompt]) -> anyhow::Result<()> {
+    use crate::model::llama::{KvCache, NoHook};
+    let steps = bench.max_tokens.clamp(2, 16);
+    println!();
+    println!("decode passes: {steps} steps, unpruned, same caches; tokens/s over all sequences");
+    println!("| sequences | one pass per sequence tok/s | one batched pass tok/s | batched / per sequence |");
+    println!("|---|---|---|---|");
+    for &c in &bench.concurrency {
+        let prefill = |p: &PreparedPrompt| -> anyhow::Result<KvCache> {
+            let mut cache = model.new_cache_with_growth(2 * steps);
+            model.prefill(p, &mut cache, &mut NoHook)?;
+            Ok(cache)
+        };
+        let mut caches: Vec<KvCache> = prompts[..c].iter().map(prefill).collect::<anyhow::Result<_>>()?;
+        let start: Vec<u32> = prompts[..c].iter().map(|p| p.input_ids.len() as u32).collect();
+        let t = Instant::now();
+        for s in 0..steps as u32 {
+            for (i, cache) in caches.iter_mut().enumerate() {
+                model.decode_batch(&[1], &[start[i] + s], &mut [cache])?.to_vec2::<f32>()?;
+            }
+        }
+        let single = (c * steps) as f64 / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for s in 0..steps as u32 {
+            let positions: Vec<u32> = start.iter().map(|p| p + steps as u32 + s).collect();
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+            model.decode_batch(&vec![1; c], &positions, &mut refs)?.to_vec2::<f32>()?;
+        }
+        let batched = (c * steps) as f64 / t.elapsed().as_secs_f64();
+        println!("| {c} | {single:.1} | {batched:.1} | {:.2}x |", batched / single);
+    }
     Ok(())
 }
 
@@ -162,20 +199,26 @@ fn run_wave(
         let submitted = Instant::now();
         pending.push((submitted, engine.submit(job)?));
     }
-    let mut traces = Vec::new();
-    for (submitted, mut rx) in pending {
-        let mut trace = Trace { submitted, tokens: Vec::new() };
-        while let Some(event) = rx.blocking_recv() {
-            match event {
-                Event::Token(_) => trace.tokens.push(Instant::now()),
-                Event::Finished(_) => break,
-                Event::Failed(e) => bail!("bench request failed: {e}"),
-                Event::Prefilled(_) => {}
-            }
-        }
-        traces.push(trace);
-    }
-    Ok(traces)
+    // One receiver thread per request, so every token is timestamped when it arrives rather
+    // than when a sequential reader gets to it.
+    let readers: Vec<_> = pending
+        .into_iter()
+        .map(|(submitted, mut rx)| {
+            std::thread::spawn(move || -> anyhow::Result<Trace> {
+                let mut trace = Trace { submitted, tokens: Vec::new() };
+                while let Some(event) = rx.blocking_recv() {
+                    match event {
+                        Event::Token(_) => trace.tokens.push(Instant::now()),
+                        Event::Finished(_) => break,
+                        Event::Failed(e) => bail!("bench request failed: {e}"),
+                        Event::Prefilled(_) => {}
+                    }
+                }
+                Ok(trace)
+            })
+        })
+        .collect();
+    readers.into_iter().map(|r| r.join().map_err(|_| anyhow!("reader thread panicked"))?).collect()
 }
 
 /// Tokens per second over the window in which every request was decoding (from the last first
@@ -201,7 +244,7 @@ fn admission_table(loaded: &LoadedModel, bench: &ConcurrencyBench, prompt: &Prep
     let (tokens, visual) = (prompt.input_ids.len(), prompt.visual_tokens());
     let growth = decode_growth_for(bench.max_tokens, tokens, info.max_context);
     let unpruned = kv.demand(tokens, visual, None, growth).bytes;
-    let capacity = bench.kv_cache_mib.map_or(unpruned * 4, |m| m << 20);
+    let capacity = bench.kv_cache_mib.map_or(unpruned * 16, |m| m << 20);
     println!();
     println!(
         "KV admission: --kv-cache-mib {:.1}, prompt {tokens} tokens ({visual} visual), max_tokens {}",
