@@ -2,6 +2,7 @@
 //!
 //! Nothing here knows about tokio or HTTP; the engine drives these types from its own thread.
 
+pub mod anyres;
 pub mod config;
 pub mod demo;
 pub mod demo_tokenizer;
@@ -9,6 +10,7 @@ pub mod fingerprint;
 pub mod llama;
 pub mod llama_batch;
 pub mod llava;
+mod next;
 pub mod preprocess;
 pub mod projector;
 pub mod prompt;

@@ -10,7 +10,7 @@ use super::flops::FlopsModel;
 pub struct ModelShape {
     /// `model::fingerprint::fingerprint` of the model directory.
     pub fingerprint: String,
-    /// Visual tokens per image.
+    /// Visual tokens of a typical image (`LlavaModel::nominal_image_tokens`).
     pub visual_tokens: usize,
     /// Decoder FLOPs model (layer count included).
     pub flops: FlopsModel,
@@ -21,7 +21,7 @@ impl ModelShape {
     pub fn of(model: &crate::model::LlavaModel, fingerprint: String) -> Self {
         Self {
             fingerprint,
-            visual_tokens: model.config().image_feature_count(),
+            visual_tokens: model.nominal_image_tokens(),
             flops: FlopsModel::from_config(&model.config().text_config),
         }
     }
@@ -92,15 +92,16 @@ impl Recipe {
 
     /// Per-layer deletions for a prompt with `n` visual tokens.
     ///
-    /// A recipe is fitted for `visual_tokens` tokens; for another count each layer's deletions
-    /// scale by `n / visual_tokens`, rounded to nearest, so the recipe removes the same share
-    /// of tokens at the same depths (e.g. two images double every count).
+    /// A recipe is fitted for `visual_tokens` tokens (N); for `n` tokens layer l deletes
+    /// `floor(d_l * n / N)`, the authors' LLaVA_NEXT rule, for every family: the same share of
+    /// tokens at the same depths, never more (two images double every count; a NeXT image of
+    /// another size scales by its own count). Exact integer arithmetic, no float rounding.
     pub fn deletions_for(&self, n: usize) -> Vec<usize> {
         if n == self.visual_tokens || self.visual_tokens == 0 {
             return self.deletions.clone();
         }
-        let scale = n as f64 / self.visual_tokens as f64;
-        self.deletions.iter().map(|&d| (d as f64 * scale).round() as usize).collect()
+        let (n, big_n) = (n as u128, self.visual_tokens as u128);
+        self.deletions.iter().map(|&d| (d as u128 * n / big_n) as usize).collect()
     }
 
     /// Completes an imported recipe for the loaded model: fills the fingerprint, the visual-token
@@ -230,11 +231,15 @@ mod tests {
     }
 
     #[test]
-    fn scaling_to_another_token_count_rounds_per_layer() {
+    fn scaling_to_another_token_count_floors_per_layer() {
         let r = recipe(vec![10, 3, 0, 7], 576);
         assert_eq!(r.deletions_for(576), vec![10, 3, 0, 7]);
         assert_eq!(r.deletions_for(1152), vec![20, 6, 0, 14]);
-        assert_eq!(r.deletions_for(144), vec![3, 1, 0, 2]);
+        // 144/576 = 1/4: 2.5 -> 2, 0.75 -> 0, 1.75 -> 1 (round-to-nearest gave 3, 1, 2).
+        assert_eq!(r.deletions_for(144), vec![2, 0, 0, 1]);
+        // A NeXT recipe fitted at 2,880 applied to a 2,340-token photo: floor(d * 2340 / 2880).
+        let r = recipe(vec![0, 1000, 577, 2880], 2880);
+        assert_eq!(r.deletions_for(2340), vec![0, 812, 468, 2340]);
     }
 
     #[test]
