@@ -141,3 +141,98 @@ fn prompt_and_model_counts_agree_for_any_size() {
     // The sizes really exercise different grids and unpadding (16 = base tile only).
     assert!(counts.len() >= 6 && counts.contains(&16), "{counts:?}");
 }
+
+fn next_dir(root: &std::path::Path, name: &str, opts: fitprune::model::demo::DemoOptions) -> std::path::PathBuf {
+    let dir = root.join(name);
+    fitprune::model::demo::write_demo_model(&dir, &opts).unwrap();
+    dir
+}
+
+fn next_opts() -> fitprune::model::demo::DemoOptions {
+    fitprune::model::demo::DemoOptions { family: fitprune::model::demo::DemoFamily::Next, ..Default::default() }
+}
+
+fn photo() -> image::DynamicImage {
+    image::open(next_fixtures().join("photo.png")).unwrap()
+}
+
+/// transformers ≥ 4.52 names NeXT tensors `model.image_newline`, `model.language_model.*`,
+/// `lm_head.*`: both layouts give the same logits, and a checkpoint without `image_newline` is
+/// refused by name.
+#[test]
+fn next_checkpoints_load_in_both_layouts() {
+    use fitprune::model::weights::TensorLayout;
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = next_dir(tmp.path(), "hub", next_opts());
+    let nested = next_dir(
+        tmp.path(),
+        "nested",
+        fitprune::model::demo::DemoOptions { layout: TensorLayout::Nested, ..next_opts() },
+    );
+    let logits = |dir: &std::path::Path| {
+        let model = fitprune::model::LlavaModel::load(dir, Default::default()).unwrap();
+        let content = vec![ContentPart::Image, ContentPart::Text("Hi".into())];
+        let prompt = model.prepare(&[ChatMessage { role: "user".into(), content }], &[photo()]).unwrap();
+        model.prefill(&prompt, &mut model.new_cache(), &mut NoHook).unwrap().logits.to_vec1::<f32>().unwrap()
+    };
+    assert_eq!(logits(&hub), logits(&nested));
+
+    // A 1.5 checkpoint relabelled as NeXT lacks the newline parameter.
+    let v15 = next_dir(tmp.path(), "v15", Default::default());
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(v15.join("config.json")).unwrap()).unwrap();
+    cfg["model_type"] = "llava_next".into();
+    cfg["image_grid_pinpoints"] = serde_json::json!([[96, 192]]);
+    std::fs::write(v15.join("config.json"), cfg.to_string()).unwrap();
+    let err = fitprune::model::LlavaModel::load(&v15, Default::default()).err().expect("must fail").to_string();
+    assert!(err.contains("image_newline"), "{err}");
+}
+
+/// FitPrune on NeXT: the visual set is every image's whole packed span, recipes scale by
+/// floor(d * n / N), and a batched prefill mixing image sizes matches each prompt alone.
+#[test]
+fn fitprune_prunes_whole_packed_spans_and_batches_mixed_sizes() {
+    use fitprune::model::llava::PrefillItem;
+    use fitprune::pruning::apply::PruneHook;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = next_dir(tmp.path(), "next", next_opts());
+    let model = fitprune::model::LlavaModel::load(&dir, Default::default()).unwrap();
+    let user = |n: usize, text: &str| {
+        let mut content: Vec<ContentPart> = (0..n).map(|_| ContentPart::Image).collect();
+        content.push(ContentPart::Text(text.into()));
+        vec![ChatMessage { role: "user".into(), content }]
+    };
+    let tall = image::open(next_fixtures().join("tall.png")).unwrap();
+    let two = model.prepare(&user(2, "Compare them."), &[photo(), tall.clone()]).unwrap();
+    let one = model.prepare(&user(1, "What is it?"), &[tall]).unwrap();
+    assert_eq!(two.image_spans.iter().map(|s| s.len()).collect::<Vec<_>>(), [70, 28]);
+
+    let deletions = vec![0, 20, 10, 0];
+    let mut hook = PruneHook::new(deletions.clone(), &two);
+    model.prefill(&two, &mut model.new_cache(), &mut hook).unwrap();
+    assert_eq!((hook.visual_in(), hook.visual_kept()), (98, 98 - 30));
+
+    // Alone, then batched with another image size: same logits, same kept tokens.
+    let alone: Vec<(Vec<f32>, usize)> = [&two, &one]
+        .iter()
+        .map(|p| {
+            let mut hook = PruneHook::new(deletions.clone(), p);
+            let out = model.prefill(p, &mut model.new_cache(), &mut hook).unwrap();
+            (out.logits.to_vec1::<f32>().unwrap(), hook.visual_kept())
+        })
+        .collect();
+    let (mut c1, mut c2) = (model.new_cache(), model.new_cache());
+    let (mut h1, mut h2) = (PruneHook::new(deletions.clone(), &two), PruneHook::new(deletions.clone(), &one));
+    let mut items = [
+        PrefillItem { prompt: &two, cache: &mut c1, hook: &mut h1 },
+        PrefillItem { prompt: &one, cache: &mut c2, hook: &mut h2 },
+    ];
+    let batched = model.prefill_batch(&mut items).unwrap();
+    for (i, (b, (want, kept))) in batched.iter().zip(&alone).enumerate() {
+        let got = b.logits.to_vec1::<f32>().unwrap();
+        let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-4, "prompt {i}: batched logits differ by {worst}");
+        let kept_batched = if i == 0 { h1.visual_kept() } else { h2.visual_kept() };
+        assert_eq!(kept_batched, *kept, "prompt {i}");
+    }
+}
