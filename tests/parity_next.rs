@@ -236,3 +236,31 @@ fn fitprune_prunes_whole_packed_spans_and_batches_mixed_sizes() {
         assert_eq!(kept_batched, *kept, "prompt {i}");
     }
 }
+
+/// Calibration takes NeXT samples of different sizes: each sample keeps its own visual count and
+/// FLOPs, and the recipe's N is the samples' mean count, rounded.
+#[test]
+fn calibration_accepts_samples_of_different_sizes() {
+    use fitprune::pruning::calibrate::{calibrate, CalibrateOptions, Silent};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = next_dir(tmp.path(), "next", next_opts());
+    let model = fitprune::model::LlavaModel::load(&dir, Default::default()).unwrap();
+    let prompts: Vec<_> = [("photo", "What is in the image?"), ("tile", "Describe it."), ("tall", "Which colours?")]
+        .iter()
+        .map(|(name, text)| {
+            let img = image::open(next_fixtures().join(format!("{name}.png"))).unwrap();
+            let content = vec![ContentPart::Image, ContentPart::Text(text.to_string())];
+            model.prepare(&[ChatMessage { role: "user".into(), content }], &[img]).unwrap()
+        })
+        .collect();
+    let counts: Vec<usize> = prompts.iter().map(|p| p.visual_tokens()).collect();
+    assert_eq!(counts, [70, 36, 28]);
+    let opts = CalibrateOptions { budgets: vec![0.3], ..Default::default() };
+    let result = calibrate(&model, &prompts, &opts, &mut Silent).unwrap();
+    // (70 + 36 + 28) / 3 = 44.67 -> 45.
+    assert_eq!(result.visual_tokens, 45);
+    let fitted = &result.budgets[0];
+    assert!(fitted.alpha.is_some(), "{fitted:?}");
+    assert_eq!(fitted.deletions.len(), 4);
+    assert!(fitted.deletions.iter().sum::<usize>() <= 45 && fitted.achieved_reduction > 0.0, "{fitted:?}");
+}
