@@ -155,6 +155,9 @@ mod tests {
         assert_eq!(count(&a, 336, 336), 1176);
         assert_eq!(count(&a, 672, 672), 2928);
         assert_eq!(a.layout((672, 672)).unwrap().tiles(), 5);
+        // The NeXT bench input, a 640x480 photo: 2x2 grid, 36 of 48 rows survive unpadding.
+        assert_eq!(count(&a, 480, 640), 576 + 36 * 48 + 36);
+        assert!(count(&a, 480, 640) >= 2000);
     }
 
     #[test]

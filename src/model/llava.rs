@@ -114,8 +114,10 @@ impl LlavaModel {
     pub fn load(dir: &Path, options: LoadOptions) -> Result<Self> {
         let config = LlavaConfig::from_json_str(&weights::read(&dir.join("config.json"))?)?;
         let pre_path = dir.join("preprocessor_config.json");
-        let mut pre_cfg = PreprocessorConfig::from_json_str(&weights::read(&pre_path)?)?;
+        let pre_text = weights::read(&pre_path)?;
+        let mut pre_cfg = PreprocessorConfig::from_json_str(&pre_text)?;
         if config.model_type == ModelType::LlavaNext {
+            super::next::check_pinpoints(&pre_text, &config)?;
             // LlavaNextImageProcessor's `do_pad` pads the tile count across a batch, not the
             // image to a square; the packing below never reads padded tiles.
             pre_cfg.do_pad = false;

@@ -138,6 +138,26 @@ impl NextHead {
     }
 }
 
+/// transformers' processor tiles with preprocessor_config.json's `image_grid_pinpoints` and the
+/// model packs with config.json's; both sides here use config.json's, so a checkpoint whose two
+/// lists differ (transformers would fail on the count mismatch) is refused at load.
+pub(super) fn check_pinpoints(preprocessor_json: &str, cfg: &LlavaConfig) -> Result<()> {
+    let value: serde_json::Value = serde_json::from_str(preprocessor_json)
+        .map_err(|e| ModelError::Preprocess(PreprocessError::Config { field: ".".into(), message: e.to_string() }))?;
+    let Some(pins) = value.get("image_grid_pinpoints") else {
+        return Ok(());
+    };
+    let parsed: Option<Vec<(u32, u32)>> = serde_json::from_value(pins.clone()).ok();
+    if parsed.as_ref() != Some(&cfg.image_grid_pinpoints) {
+        return Err(ModelError::Config {
+            file: "preprocessor_config.json".into(),
+            field: "image_grid_pinpoints".into(),
+            message: format!("{pins} differs from config.json's {:?}", cfg.image_grid_pinpoints),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, IndexOp};
@@ -177,6 +197,16 @@ mod tests {
         ];
         assert_eq!(col0, want);
         assert_eq!(packed.i((8, 1)).unwrap().to_scalar::<f32>().unwrap(), -2.0);
+    }
+
+    #[test]
+    fn preprocessor_pinpoints_must_match_the_config() {
+        let cfg = LlavaConfig::from_json_str(r#"{"model_type": "llava_next"}"#).unwrap();
+        assert!(check_pinpoints("{}", &cfg).is_ok());
+        let same = r#"{"image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]}"#;
+        assert!(check_pinpoints(same, &cfg).is_ok());
+        let e = check_pinpoints(r#"{"image_grid_pinpoints": [[336, 672]]}"#, &cfg).unwrap_err().to_string();
+        assert!(e.contains("preprocessor_config.json") && e.contains("image_grid_pinpoints"), "{e}");
     }
 
     #[test]
