@@ -218,7 +218,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let ratio = Stat::of(m.prefill.iter().zip(&base).map(|(p, b)| p / b).collect()).median;
         let (p, t, d) = (Stat::of(m.prefill), Stat::of(m.ttft), Stat::of(m.decode));
         println!(
-            "| {budget:.1} | {} | {visual_ratio:.3} / {prompt_ratio:.3} | {:.4} [{:.4}..{:.4}] | {ratio:.3} | {:.2} | {:.4} [{:.4}..{:.4}] | {:.1} [{:.1}..{:.1}] |",
+            "| {budget:.2} | {} | {visual_ratio:.3} / {prompt_ratio:.3} | {:.4} [{:.4}..{:.4}] | {ratio:.3} | {:.2} | {:.4} [{:.4}..{:.4}] | {:.1} [{:.1}..{:.1}] |",
             m.kept, p.median, p.min, p.max, ratio / prompt_ratio, t.median, t.min, t.max, d.median, d.min, d.max
         );
     }
@@ -270,7 +270,7 @@ fn bench_batched(
         }
         let (s, b) = (Stat::of(single), Stat::of(batched));
         println!(
-            "| {budget:.1} | {:.4} [{:.4}..{:.4}] | {:.4} [{:.4}..{:.4}] | {:.3} |",
+            "| {budget:.2} | {:.4} [{:.4}..{:.4}] | {:.4} [{:.4}..{:.4}] | {:.3} |",
             s.median,
             s.min,
             s.max,
