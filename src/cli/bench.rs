@@ -11,7 +11,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::engine::generate::{generate, GenerationParams};
 use crate::engine::sampling::SamplingParams;
-use crate::model::demo::{write_demo_model, DemoOptions, Preset};
+use crate::model::config::ModelType;
+use crate::model::demo::{write_demo_model, DemoFamily, DemoOptions, Preset};
 use crate::model::llava::{LoadOptions, PrefillItem};
 use crate::model::prompt::{ChatMessage, ContentPart};
 use crate::model::{source, LlavaModel, PreparedPrompt};
@@ -31,6 +32,10 @@ pub struct BenchArgs {
     /// Demo preset to generate when --model is not given.
     #[arg(long, value_enum, default_value = "bench")]
     preset: Preset,
+    /// Demo model family when --model is not given (next: a 4:3 photo-sized image, e.g. 640x480
+    /// for 336-px tiles, 2,340 visual tokens).
+    #[arg(long, value_enum, default_value = "llava")]
+    family: DemoFamily,
     /// Budgets to compare (0 = unpruned baseline, always included).
     #[arg(long, value_delimiter = ',', default_value = "0.3,0.5,0.7")]
     budgets: Vec<f64>,
@@ -86,10 +91,10 @@ impl Stat {
     }
 }
 
-/// A deterministic noise-and-gradient image, so prompts differ between samples.
-fn synthetic_image(seed: u64, size: u32) -> DynamicImage {
+/// A deterministic noise-and-gradient image of `size` x `height`, so prompts differ between samples.
+fn synthetic_image(seed: u64, size: u32, height: u32) -> DynamicImage {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let img = RgbImage::from_fn(size, size + 37, |x, y| {
+    let img = RgbImage::from_fn(size, height, |x, y| {
         let n: u8 = rng.random_range(0..60);
         image::Rgb([(x * 255 / size) as u8 ^ n, (y * 200 / size) as u8, n.wrapping_mul(3)])
     });
@@ -106,11 +111,16 @@ const QUESTIONS: [&str; 4] = [
 /// Bench prompt `i`: a synthetic image at the model's input size and one of the questions.
 fn bench_prompt(model: &LlavaModel, i: usize) -> anyhow::Result<PreparedPrompt> {
     let side = model.config().vision_config.image_size as u32;
+    // NeXT: a 4:3 photo (640x480 for 336-px tiles) goes to the 2x2 grid and unpads to 3:4 rows.
+    let (width, height) = match model.config().model_type {
+        ModelType::Llava => (side, side + 37),
+        ModelType::LlavaNext => (side * 40 / 21, side * 40 / 21 * 3 / 4),
+    };
     let msg = ChatMessage {
         role: "user".into(),
         content: vec![ContentPart::Image, ContentPart::Text(QUESTIONS[i % QUESTIONS.len()].into())],
     };
-    Ok(model.prepare(&[msg], &[synthetic_image(i as u64, side)])?)
+    Ok(model.prepare(&[msg], &[synthetic_image(i as u64, width, height)])?)
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -122,10 +132,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let dir = match &args.model {
         Some(m) => source::resolve(Some(m))?.dir,
         None => {
-            let dir = source::cache_dir().join(format!("bench-{:?}-seed0", args.preset).to_lowercase());
+            let name = match args.family {
+                DemoFamily::Llava => format!("bench-{:?}-seed0", args.preset),
+                DemoFamily::Next => format!("bench-next-{:?}-seed0", args.preset),
+            };
+            let dir = source::cache_dir().join(name.to_lowercase());
             if !dir.join("model.safetensors").exists() {
                 eprintln!("writing a {:?} demo model (random weights) to {}", args.preset, dir.display());
-                write_demo_model(&dir, &DemoOptions { preset: args.preset, ..Default::default() })?;
+                write_demo_model(
+                    &dir,
+                    &DemoOptions { preset: args.preset, family: args.family, ..Default::default() },
+                )?;
             }
             dir
         }
@@ -225,7 +242,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let ratio = Stat::of(m.prefill.iter().zip(&base).map(|(p, b)| p / b).collect()).median;
         let (p, t, d) = (Stat::of(m.prefill), Stat::of(m.ttft), Stat::of(m.decode));
         println!(
-            "| {budget:.1} | {} | {visual_ratio:.3} / {prompt_ratio:.3} | {:.4} [{:.4}..{:.4}] | {ratio:.3} | {:.2} | {:.4} [{:.4}..{:.4}] | {:.1} [{:.1}..{:.1}] |",
+            "| {budget:.2} | {} | {visual_ratio:.3} / {prompt_ratio:.3} | {:.4} [{:.4}..{:.4}] | {ratio:.3} | {:.2} | {:.4} [{:.4}..{:.4}] | {:.1} [{:.1}..{:.1}] |",
             m.kept, p.median, p.min, p.max, ratio / prompt_ratio, t.median, t.min, t.max, d.median, d.min, d.max
         );
     }
@@ -277,7 +294,7 @@ fn bench_batched(
         }
         let (s, b) = (Stat::of(single), Stat::of(batched));
         println!(
-            "| {budget:.1} | {:.4} [{:.4}..{:.4}] | {:.4} [{:.4}..{:.4}] | {:.3} |",
+            "| {budget:.2} | {:.4} [{:.4}..{:.4}] | {:.4} [{:.4}..{:.4}] | {:.3} |",
             s.median,
             s.min,
             s.max,

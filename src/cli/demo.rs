@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 
 use crate::model::config::FeatureSelect;
-use crate::model::demo::{write_demo_model, DemoOptions, Preset};
+use crate::model::demo::{write_demo_model, DemoBackbone, DemoFamily, DemoOptions, Preset};
 use crate::model::weights::TensorLayout;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -33,6 +33,15 @@ pub struct DemoArgs {
     /// Size preset.
     #[arg(long, value_enum, default_value = "tiny")]
     preset: Preset,
+    /// Model family: LLaVA-1.5 or LLaVA-NeXT (anyres tiles).
+    #[arg(long, value_enum, default_value = "llava")]
+    family: DemoFamily,
+    /// Decoder architecture.
+    #[arg(long, value_enum, default_value = "llama")]
+    backbone: DemoBackbone,
+    /// Mistral's sliding attention window in tokens (default: none).
+    #[arg(long)]
+    sliding_window: Option<usize>,
     /// Key/value heads of the decoder (GQA/MQA variants).
     #[arg(long)]
     kv_heads: Option<usize>,
@@ -49,6 +58,9 @@ pub struct DemoArgs {
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let opts = DemoOptions {
+        family: args.family,
+        backbone: args.backbone,
+        sliding_window: args.sliding_window,
         preset: args.preset,
         seed: args.seed,
         kv_heads: args.kv_heads,

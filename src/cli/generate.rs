@@ -10,12 +10,13 @@ use serde_json::json;
 
 use crate::engine::generate::{generate, GenerationParams};
 use crate::engine::sampling::SamplingParams;
+use crate::model::config::ModelType;
 use crate::model::llama::{DecoderHook, NoHook};
 use crate::model::llava::LoadOptions;
 use crate::model::prompt::{ChatMessage, ContentPart};
 use crate::model::{source, LlavaModel};
 use crate::pruning::flops::FlopsModel;
-use crate::pruning::recipe::{authors_scheme, authors_scheme_names, parse_recipes, select_by_budget};
+use crate::pruning::recipe::{authors_schemes_for, parse_recipes, select_by_budget};
 use crate::pruning::{PruneHook, Recipe};
 
 use super::input::{load_image, parse_device, parse_dtype};
@@ -109,7 +110,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         max_tokens: args.max_tokens,
         stop: args.stop.clone(),
     };
-    let recipe = choose_recipe(&args, model.llama().num_layers())?;
+    let recipe = choose_recipe(&args, model.llama().num_layers(), model.config().model_type)?;
     let mut prune = recipe.as_ref().map(|r| PruneHook::new(r.deletions_for(prompt.visual_tokens()), &prompt));
     let hook: &mut dyn DecoderHook = match prune.as_mut() {
         Some(h) => h,
@@ -192,7 +193,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 /// The recipe `--recipe` / `--budget` ask for, validated against the decoder depth.
-fn choose_recipe(args: &GenerateArgs, layers: usize) -> anyhow::Result<Option<Recipe>> {
+fn choose_recipe(args: &GenerateArgs, layers: usize, family: ModelType) -> anyhow::Result<Option<Recipe>> {
     let recipe = match (&args.recipe, args.budget) {
         (None, None) => return Ok(None),
         (Some(path), budget) => {
@@ -206,9 +207,9 @@ fn choose_recipe(args: &GenerateArgs, layers: usize) -> anyhow::Result<Option<Re
         }
         (None, Some(b)) => {
             if layers != 32 {
-                bail!("--budget without --recipe uses the authors' LLaVA-1.5-7B schemes (32 layers); this model has {layers}: calibrate first");
+                bail!("--budget without --recipe uses the authors' 7B schemes (32 layers); this model has {layers}: calibrate first");
             }
-            let all: Vec<Recipe> = authors_scheme_names().iter().filter_map(|n| authors_scheme(n)).collect();
+            let all: Vec<Recipe> = authors_schemes_for(family);
             select_by_budget(&all, b).cloned()
         }
     };

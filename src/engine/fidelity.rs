@@ -202,8 +202,13 @@ mod tests {
     fn the_backlog_is_bounded_and_drops_are_counted() {
         let metrics = Metrics::new().unwrap();
         let mut m = Monitor::new(FidelityConfig { sample_rate: 1.0, backlog: 2 });
-        let prompt =
-            PreparedPrompt { text: String::new(), input_ids: vec![1, 2], pixel_values: None, image_spans: Vec::new() };
+        let prompt = PreparedPrompt {
+            text: String::new(),
+            input_ids: vec![1, 2],
+            pixel_values: None,
+            image_spans: Vec::new(),
+            image_sizes: Vec::new(),
+        };
         for _ in 0..5 {
             m.offer("r", &prompt, &[0.0, 1.0], &metrics);
         }

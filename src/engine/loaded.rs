@@ -20,7 +20,8 @@ pub struct ModelInfo {
     pub fingerprint: String,
     /// Decoder layers (a recipe has one entry per layer).
     pub layers: usize,
-    /// Visual tokens per image.
+    /// Visual tokens of a typical image (fixed for LLaVA-1.5; NeXT counts vary with the size,
+    /// this is a 2x2-tile square's): the default N of imported recipes.
     pub image_tokens: usize,
     /// `max_position_embeddings`: prompt + completion must fit.
     pub max_context: usize,
@@ -53,7 +54,7 @@ impl LoadedModel {
             is_demo,
             fingerprint: fingerprint(model.dir())?,
             layers: model.llama().num_layers(),
-            image_tokens: cfg.image_feature_count(),
+            image_tokens: model.nominal_image_tokens(),
             max_context: cfg.text_config.max_position_embeddings,
             device,
             dtype: model.options().dtype.as_str().to_string(),

@@ -83,9 +83,24 @@ pub struct RopeScaling {
     pub rope_type: String,
 }
 
-/// `text_config` (a `LlamaConfig`).
+/// The decoder architecture (`text_config.model_type`); both run on [`super::llama::Llama`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TextArch {
+    /// `LlamaForCausalLM` (Vicuna, LLaVA-1.5, NeXT-Vicuna, NeXT-34B).
+    #[default]
+    Llama,
+    /// `MistralForCausalLM`: Llama plus an optional sliding attention window.
+    Mistral,
+}
+
+/// `text_config` (a `LlamaConfig` or `MistralConfig`; a Mistral config's missing fields take
+/// `MistralConfig`'s defaults, filled in by [`LlavaConfig::from_json_str`]).
 #[derive(Debug, Clone, Deserialize)]
 pub struct TextConfig {
+    /// `model_type` of the text config; transformers assumes `llama` when it is absent.
+    #[serde(default, rename = "model_type")]
+    pub arch: TextArch,
     #[serde(default = "d::vocab")]
     pub vocab_size: usize,
     #[serde(default = "d::hidden")]
@@ -116,6 +131,10 @@ pub struct TextConfig {
     pub attention_bias: bool,
     #[serde(default)]
     pub mlp_bias: bool,
+    /// Mistral's attention window: a query sees the keys at most `sliding_window - 1`
+    /// positions before it (`None`: full causal attention, and always for Llama).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     #[serde(default = "d::bos")]
@@ -167,9 +186,21 @@ pub struct VisionConfig {
     pub layer_norm_eps: f64,
 }
 
-/// Top-level `LlavaConfig`.
+/// The model family, from the top-level `model_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelType {
+    /// `LlavaForConditionalGeneration` (LLaVA-1.5): one fixed-size tile per image.
+    Llava,
+    /// `LlavaNextForConditionalGeneration` (LLaVA-NeXT / v1.6): anyres tiles per image.
+    LlavaNext,
+}
+
+/// Top-level `LlavaConfig` / `LlavaNextConfig`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct LlavaConfig {
+    /// Which family the checkpoint is; anything but `llava` or `llava_next` is refused.
+    pub model_type: ModelType,
     #[serde(default = "d::text")]
     pub text_config: TextConfig,
     #[serde(default = "d::vision")]
@@ -189,17 +220,32 @@ pub struct LlavaConfig {
     pub tie_word_embeddings: Option<bool>,
     #[serde(default)]
     pub pad_token_id: Option<u32>,
+    /// NeXT's grid resolutions, each (height, width) in pixels (ignored for LLaVA-1.5).
+    #[serde(default = "d::pinpoints")]
+    pub image_grid_pinpoints: Vec<(u32, u32)>,
 }
 
 impl LlavaConfig {
     /// Parses `config.json`; errors name the offending field.
     pub fn from_json_str(s: &str) -> Result<Self, ModelError> {
-        let de = &mut serde_json::Deserializer::from_str(s);
-        let cfg: Self = serde_path_to_error::deserialize(de).map_err(|e| ModelError::Config {
-            file: "config.json".into(),
-            field: e.path().to_string(),
-            message: e.inner().to_string(),
-        })?;
+        let bad = |field: String, message: String| ModelError::Config { file: "config.json".into(), field, message };
+        let mut value: serde_json::Value = serde_json::from_str(s).map_err(|e| bad(".".into(), e.to_string()))?;
+        match value.get("model_type").and_then(|v| v.as_str()) {
+            Some("llava" | "llava_next") if value.get("is_multipath_encoder").is_none() => {}
+            Some("llava") => {
+                return Err(bad("is_multipath_encoder".into(), "LLaVA-HR checkpoints are not supported yet".into()))
+            }
+            _ => {
+                let found = value.get("model_type").map_or("absent".to_string(), |v| v.to_string());
+                return Err(bad(
+                    "model_type".into(),
+                    format!("{found} is not a supported model type (supported: \"llava\", \"llava_next\")"),
+                ));
+            }
+        }
+        fill_mistral_defaults(&mut value);
+        let cfg: Self =
+            serde_path_to_error::deserialize(&value).map_err(|e| bad(e.path().to_string(), e.inner().to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -246,6 +292,12 @@ impl LlavaConfig {
                 format!("hidden_size {} is not divisible by {} heads", v.hidden_size, v.num_attention_heads),
             ));
         }
+        if self.model_type == ModelType::LlavaNext {
+            self.validate_next()?;
+        }
+        if t.sliding_window == Some(0) {
+            return Err(bad("text_config.sliding_window", "must be null or positive".into()));
+        }
         for idx in self.vision_feature_layer.indices() {
             if resolve_hidden_state_index(idx, v.num_hidden_layers).is_none() {
                 return Err(bad(
@@ -257,12 +309,42 @@ impl LlavaConfig {
         Ok(())
     }
 
+    /// NeXT-only checks: pinpoints that tile exactly, and the `default` select strategy (the
+    /// grid view in `pack_image_features` assumes side x side features per tile).
+    fn validate_next(&self) -> Result<(), ModelError> {
+        let bad = |field: &str, message: String| ModelError::Config {
+            file: "config.json".into(),
+            field: field.into(),
+            message,
+        };
+        let tile = self.vision_config.image_size as u32;
+        if self.image_grid_pinpoints.is_empty() {
+            return Err(bad("image_grid_pinpoints", "must list at least one (height, width)".into()));
+        }
+        if let Some(&(h, w)) =
+            self.image_grid_pinpoints.iter().find(|&&(h, w)| h == 0 || w == 0 || h % tile != 0 || w % tile != 0)
+        {
+            return Err(bad(
+                "image_grid_pinpoints",
+                format!("[{h}, {w}] is not a positive multiple of the {tile}-px tile"),
+            ));
+        }
+        if self.vision_feature_select_strategy != FeatureSelect::Default {
+            return Err(bad(
+                "vision_feature_select_strategy",
+                "LLaVA-NeXT supports only \"default\" (the packed grid drops CLS)".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether the LM head shares the token embedding matrix.
     pub fn ties_word_embeddings(&self) -> bool {
         self.tie_word_embeddings.unwrap_or(self.text_config.tie_word_embeddings)
     }
 
-    /// Number of image features one image becomes (576 for 336px / 14).
+    /// Features of one vision-tower tile (576 for 336px / 14): a whole LLaVA-1.5 image, or the
+    /// base tile of a NeXT image.
     pub fn image_feature_count(&self) -> usize {
         let side = self.vision_config.image_size / self.vision_config.patch_size;
         let cls = usize::from(self.vision_feature_select_strategy == FeatureSelect::Full);
@@ -288,6 +370,26 @@ pub fn resolve_hidden_state_index(idx: i64, num_layers: usize) -> Option<usize> 
     let len = num_layers as i64 + 1;
     let resolved = if idx < 0 { len + idx } else { idx };
     (0..len).contains(&resolved).then_some(resolved as usize)
+}
+
+/// `MistralConfig`'s defaults where they differ from `LlamaConfig`'s, inserted into a
+/// `text_config` whose `model_type` is `mistral` for the fields it omits (hub configs do).
+fn fill_mistral_defaults(config: &mut serde_json::Value) {
+    let Some(text) = config.get_mut("text_config").and_then(|t| t.as_object_mut()) else {
+        return;
+    };
+    if text.get("model_type").and_then(|m| m.as_str()) != Some("mistral") {
+        return;
+    }
+    let defaults = [
+        ("intermediate_size", serde_json::json!(14336)),
+        ("num_key_value_heads", serde_json::json!(8)),
+        ("max_position_embeddings", serde_json::json!(4096 * 32)),
+        ("sliding_window", serde_json::json!(4096)),
+    ];
+    for (key, value) in defaults {
+        text.entry(key).or_insert(value);
+    }
 }
 
 /// transformers' defaults, one function per serde default.
@@ -363,6 +465,10 @@ mod d {
     pub fn yes() -> bool {
         true
     }
+    /// `LlavaNextConfig`'s default `image_grid_pinpoints`.
+    pub fn pinpoints() -> Vec<(u32, u32)> {
+        vec![(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
+    }
     pub fn text() -> TextConfig {
         serde_json::from_str("{}").expect("empty text config deserialises with defaults")
     }
@@ -370,6 +476,9 @@ mod d {
         serde_json::from_str("{}").expect("empty vision config deserialises with defaults")
     }
 }
+
+#[cfg(test)]
+mod next_tests;
 
 #[cfg(test)]
 mod tests {

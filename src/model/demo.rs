@@ -1,5 +1,7 @@
 //! Deterministic random LLaVA checkpoints (`fitprune demo-model`): test fixtures and the
-//! built-in demo model. The output is a complete llava-hf directory that transformers loads.
+//! built-in demo model. The output is a complete llava-hf directory that transformers loads
+//! (`LlavaForConditionalGeneration`, or `LlavaNextForConditionalGeneration` for `--family next`,
+//! with a Llama or Mistral decoder).
 //!
 //! Weights are drawn per tensor from a ChaCha stream seeded by (seed, tensor name), so a
 //! checkpoint is byte-identical for a given seed and shape whatever the write order.
@@ -29,9 +31,33 @@ pub enum Preset {
     Bench,
 }
 
+/// Which model family to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoFamily {
+    /// LLaVA-1.5 (`model_type` `llava`).
+    Llava,
+    /// LLaVA-NeXT (`model_type` `llava_next`): anyres tiles, `image_newline`.
+    Next,
+}
+
+/// Which decoder to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoBackbone {
+    /// `LlamaForCausalLM`, rope_theta 10000.
+    Llama,
+    /// `MistralForCausalLM`, rope_theta 1e6, `sliding_window` from the options.
+    Mistral,
+}
+
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
+    /// Model family.
+    pub family: DemoFamily,
+    /// Decoder architecture.
+    pub backbone: DemoBackbone,
+    /// Mistral's `sliding_window` (`None` writes null); ignored for Llama.
+    pub sliding_window: Option<usize>,
     /// Size preset.
     pub preset: Preset,
     /// RNG seed for all weights.
@@ -49,6 +75,9 @@ pub struct DemoOptions {
 impl Default for DemoOptions {
     fn default() -> Self {
         Self {
+            family: DemoFamily::Llava,
+            backbone: DemoBackbone::Llama,
+            sliding_window: None,
             preset: Preset::Tiny,
             seed: 0,
             kv_heads: None,
@@ -78,8 +107,10 @@ struct Shape {
 
 impl Shape {
     fn of(opts: &DemoOptions) -> Self {
-        let s = match opts.preset {
-            Preset::Tiny => Shape {
+        let s = match (opts.preset, opts.family) {
+            // NeXT tiny: 32-px tiles of 8-px patches, so a 2x2 grid stays near a hundred tokens.
+            (Preset::Tiny, DemoFamily::Next) => Shape { image: 32, ..Self::of(&DemoOptions::default()) },
+            (Preset::Tiny, DemoFamily::Llava) => Shape {
                 image: 96,
                 patch: 8,
                 v_hidden: 64,
@@ -93,7 +124,7 @@ impl Shape {
                 kv_heads: 2,
                 vocab_target: 512,
             },
-            Preset::Bench => Shape {
+            (Preset::Bench, _) => Shape {
                 image: 336,
                 patch: 14,
                 v_hidden: 256,
@@ -117,7 +148,7 @@ impl Shape {
 pub struct DemoSummary {
     /// Parameters over all tensors.
     pub parameters: usize,
-    /// Image tokens per image.
+    /// Image tokens per image (NeXT: of a square image of 2x2 tiles).
     pub image_tokens: usize,
     /// Vocabulary size of the LM head.
     pub vocab_size: usize,
@@ -134,30 +165,46 @@ pub fn write_demo_model(dir: &Path, opts: &DemoOptions) -> Result<DemoSummary> {
     // Like llava-hf (32064 rows for a 32002-token tokenizer), pad the vocabulary to a multiple of 64.
     let vocab = tok.vocab_size.div_ceil(64) * 64;
     let side = s.image / s.patch;
-    let image_tokens = side * side + usize::from(opts.select == FeatureSelect::Full);
+    let next = opts.family == DemoFamily::Next;
+    let image_tokens = if next {
+        // Base tile, 2x2 grid of side x side, one newline per row.
+        side * side + 4 * side * side + 2 * side
+    } else {
+        side * side + usize::from(opts.select == FeatureSelect::Full)
+    };
     let select = match opts.select {
         FeatureSelect::Default => "default",
         FeatureSelect::Full => "full",
     };
-    let config = json!({
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
+    let t = s.image;
+    let pinpoints = json!([[t, 2 * t], [2 * t, t], [2 * t, 2 * t], [3 * t, t], [t, 3 * t]]);
+    let (text_type, rope_theta) = match opts.backbone {
+        DemoBackbone::Llama => ("llama", 10000.0),
+        DemoBackbone::Mistral => ("mistral", 1e6),
+    };
+    let mut text_config = json!({
+        "model_type": text_type, "vocab_size": vocab, "hidden_size": s.hidden,
+        "intermediate_size": s.inter, "num_hidden_layers": s.layers,
+        "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": rope_theta,
+        "hidden_act": "silu", "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
+        "pad_token_id": tok.pad_id, "tie_word_embeddings": false, "torch_dtype": "float32"
+    });
+    if opts.backbone == DemoBackbone::Mistral {
+        text_config["sliding_window"] = json!(opts.sliding_window);
+    }
+    let mut config = json!({
+        "architectures": [if next { "LlavaNextForConditionalGeneration" } else { "LlavaForConditionalGeneration" }],
+        "model_type": if next { "llava_next" } else { "llava" },
         "image_token_index": tok.image_id,
         "pad_token_id": tok.pad_id,
         "projector_hidden_act": "gelu",
         "vision_feature_layer": -2,
         "vision_feature_select_strategy": select,
-        "image_seq_length": image_tokens,
+        "image_seq_length": if next { side * side } else { image_tokens },
         "tie_word_embeddings": false,
         "torch_dtype": "float32",
-        "text_config": {
-            "model_type": "llama", "vocab_size": vocab, "hidden_size": s.hidden,
-            "intermediate_size": s.inter, "num_hidden_layers": s.layers,
-            "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads,
-            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-            "hidden_act": "silu", "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
-            "pad_token_id": tok.pad_id, "tie_word_embeddings": false, "torch_dtype": "float32"
-        },
+        "text_config": text_config,
         "vision_config": {
             "model_type": "clip_vision_model", "hidden_size": s.v_hidden,
             "intermediate_size": s.v_inter, "num_hidden_layers": s.v_layers,
@@ -165,24 +212,32 @@ pub fn write_demo_model(dir: &Path, opts: &DemoOptions) -> Result<DemoSummary> {
             "projection_dim": s.v_hidden, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5
         }
     });
+    if next {
+        config["image_grid_pinpoints"] = pinpoints.clone();
+        config["use_image_newline_parameter"] = json!(true);
+    }
     write_json(dir, "config.json", &config)?;
-    write_json(
-        dir,
-        "preprocessor_config.json",
-        &json!({
-            "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
-            "do_resize": true, "size": {"shortest_edge": s.image}, "resample": 3,
-            "do_center_crop": true, "crop_size": {"height": s.image, "width": s.image},
-            "do_rescale": true, "rescale_factor": 1.0 / 255.0, "do_normalize": true,
-            "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": true
-        }),
-    )?;
+    let mut pre = json!({
+        "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
+        "do_resize": true, "size": {"shortest_edge": s.image}, "resample": 3,
+        "do_center_crop": true, "crop_size": {"height": s.image, "width": s.image},
+        "do_rescale": true, "rescale_factor": 1.0 / 255.0, "do_normalize": true,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": true
+    });
+    let processor_class = if next { "LlavaNextProcessor" } else { "LlavaProcessor" };
+    if next {
+        pre["image_processor_type"] = json!("LlavaNextImageProcessor");
+        pre["processor_class"] = json!(processor_class);
+        pre["image_grid_pinpoints"] = pinpoints;
+        pre["do_pad"] = json!(true);
+    }
+    write_json(dir, "preprocessor_config.json", &pre)?;
     write_json(
         dir,
         "processor_config.json",
         &json!({
-            "processor_class": "LlavaProcessor", "image_token": "<image>", "patch_size": s.patch,
+            "processor_class": processor_class, "image_token": "<image>", "patch_size": s.patch,
             "vision_feature_select_strategy": select, "num_additional_image_tokens": 1
         }),
     )?;
@@ -194,7 +249,12 @@ pub fn write_demo_model(dir: &Path, opts: &DemoOptions) -> Result<DemoSummary> {
         }),
     )?;
 
-    let tensors = random_tensors(&s, vocab, opts.seed)?;
+    let mut tensors = random_tensors(&s, vocab, opts.seed)?;
+    if next {
+        // transformers initialises it as randn(hidden) / sqrt(hidden).
+        let std = 1.0 / (s.hidden as f64).sqrt();
+        tensors.push(("image_newline".into(), Init::Normal(std).sample(&[s.hidden], opts.seed, "image_newline")?));
+    }
     let parameters = tensors.iter().map(|(_, t)| t.elem_count()).sum();
     let renamed: Vec<(String, Tensor)> = tensors.into_iter().map(|(n, t)| (rename(&n, opts.layout), t)).collect();
     write_safetensors(dir, renamed, opts.shards.max(1))?;
@@ -298,6 +358,9 @@ fn fnv1a(s: &str) -> u64 {
 fn rename(name: &str, layout: TensorLayout) -> String {
     if layout == TensorLayout::Hub {
         return name.to_string();
+    }
+    if name == TensorLayout::Hub.image_newline() {
+        return layout.image_newline().to_string();
     }
     for from in [TensorLayout::Hub.text_model(), TensorLayout::Hub.vision_model(), TensorLayout::Hub.projector()] {
         if let Some(rest) = name.strip_prefix(from) {

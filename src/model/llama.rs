@@ -10,7 +10,8 @@
 //!   `o_proj` and the residual add.
 //!
 //! Masks are built from positions rather than indices: a key is visible to a query when its
-//! position is not later than the query's, which stays correct whatever rows were removed.
+//! position is not later than the query's (and, with Mistral's `sliding_window` W, fewer than W
+//! positions earlier), which stays correct whatever rows were removed.
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
@@ -210,15 +211,26 @@ impl Rotary {
     }
 }
 
-/// Additive mask (rows, keys): 0 where the key's position is not after the row's, -inf elsewhere.
-/// `None` when every key is visible to every row (decode steps).
-pub(super) fn position_mask(rows: &[u32], keys: &[u32], device: &Device) -> Result<Option<Tensor>> {
+/// Additive mask (rows, keys): 0 where the key's position is not after the row's and, with a
+/// `window` W, `row - key < W` (transformers' sliding mask, `kv_idx > q_idx - W`); -inf elsewhere.
+/// `None` when every key is visible to every row (decode steps inside the window).
+pub(super) fn position_mask(
+    rows: &[u32],
+    keys: &[u32],
+    window: Option<u32>,
+    device: &Device,
+) -> Result<Option<Tensor>> {
     let min_row = rows.iter().copied().min().unwrap_or(0);
-    if keys.iter().all(|&k| k <= min_row) {
+    let max_row = rows.iter().copied().max().unwrap_or(0);
+    let in_window = |r: u32, k: u32| window.is_none_or(|w| r - k < w);
+    if keys.iter().all(|&k| k <= min_row && in_window(max_row, k)) {
         return Ok(None);
     }
-    let mask: Vec<f32> =
-        rows.iter().flat_map(|&r| keys.iter().map(move |&k| if k <= r { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let visible = |r: u32, k: u32| k <= r && in_window(r, k);
+    let mask: Vec<f32> = rows
+        .iter()
+        .flat_map(|&r| keys.iter().map(move |&k| if visible(r, k) { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
     Ok(Some(Tensor::from_vec(mask, (rows.len(), keys.len()), device)?))
 }
 
@@ -311,7 +323,7 @@ impl Attention {
         let mask = if cache.len() == step.positions.len() {
             step.self_mask()?
         } else {
-            own_mask = position_mask(&step.positions, cache.positions(), x.device())?;
+            own_mask = position_mask(&step.positions, cache.positions(), step.window, x.device())?;
             own_mask.as_ref()
         };
         self.attend_keys(&q, k, v, mask, want_probs)
@@ -354,6 +366,8 @@ pub(super) struct DecoderLayer {
 /// Per-pass inputs shared by the layers until a layer prunes rows.
 struct Step {
     positions: Vec<u32>,
+    /// The decoder's sliding window, if any.
+    window: Option<u32>,
     cos: Tensor,
     sin: Tensor,
     /// Mask of the rows against themselves, built on first use and shared by every layer
@@ -362,13 +376,13 @@ struct Step {
 }
 
 impl Step {
-    fn new(positions: Vec<u32>, cos: Tensor, sin: Tensor) -> Self {
-        Self { positions, cos, sin, mask: std::cell::OnceCell::new() }
+    fn new(positions: Vec<u32>, window: Option<u32>, cos: Tensor, sin: Tensor) -> Self {
+        Self { positions, window, cos, sin, mask: std::cell::OnceCell::new() }
     }
 
     fn self_mask(&self) -> Result<Option<&Tensor>> {
         if self.mask.get().is_none() {
-            let m = position_mask(&self.positions, &self.positions, self.cos.device())?;
+            let m = position_mask(&self.positions, &self.positions, self.window, self.cos.device())?;
             let _ = self.mask.set(m);
         }
         Ok(self.mask.get().and_then(Option::as_ref))
@@ -415,6 +429,8 @@ pub struct Llama {
     pub(super) norm: RmsNorm,
     pub(super) lm_head: Linear,
     pub(super) rotary: Rotary,
+    /// Mistral's `sliding_window` (`None` for Llama): enforced by every mask.
+    pub(super) window: Option<u32>,
 }
 
 impl Llama {
@@ -429,7 +445,8 @@ impl Llama {
             Some(vb) => candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb)?,
             None => Linear::new(embed_tokens.embeddings().clone(), None),
         };
-        Ok(Self { embed_tokens, layers, norm, lm_head, rotary: Rotary::new(cfg) })
+        let window = cfg.sliding_window.map(|w| u32::try_from(w).unwrap_or(u32::MAX));
+        Ok(Self { embed_tokens, layers, norm, lm_head, rotary: Rotary::new(cfg), window })
     }
 
     /// Number of decoder layers.
@@ -461,7 +478,7 @@ impl Llama {
         }
         let (device, dtype) = (embeds.device(), embeds.dtype());
         let (cos, sin) = self.rotary.tables(positions, dtype, device)?;
-        let mut step = Step::new(positions.to_vec(), cos, sin);
+        let mut step = Step::new(positions.to_vec(), self.window, cos, sin);
         let mut x = embeds.clone();
         for (l, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_layernorm.forward(&x)?;
@@ -479,6 +496,7 @@ impl Llama {
                     let idx = Tensor::new(keep.as_slice(), device)?;
                     step = Step::new(
                         keep.iter().map(|&i| step.positions[i as usize]).collect(),
+                        self.window,
                         step.cos.index_select(&idx, 0)?,
                         step.sin.index_select(&idx, 0)?,
                     );
@@ -497,7 +515,7 @@ impl Llama {
     pub fn layer_attention(&self, l: usize, x: &Tensor, positions: &[u32]) -> Result<(Tensor, Tensor)> {
         let layer = &self.layers[l];
         let (cos, sin) = self.rotary.tables(positions, x.dtype(), x.device())?;
-        let step = Step::new(positions.to_vec(), cos, sin);
+        let step = Step::new(positions.to_vec(), self.window, cos, sin);
         let normed = layer.input_layernorm.forward(x)?;
         let (attn, probs) = layer.self_attn.attend(&normed, &step, &mut LayerCache::default(), true)?;
         let probs = probs.ok_or_else(|| super::ModelError::InvalidInput("attention probabilities missing".into()))?;

@@ -54,10 +54,10 @@ impl Packing {
     }
 
     /// Sequence i's mask, built on first use and kept until its rows change.
-    fn mask(&mut self, i: usize, device: &Device) -> Result<Option<Tensor>> {
+    fn mask(&mut self, i: usize, window: Option<u32>, device: &Device) -> Result<Option<Tensor>> {
         if self.masks[i].is_none() {
             let p = &self.positions[i];
-            self.masks[i] = Some(position_mask(p, p, device)?);
+            self.masks[i] = Some(position_mask(p, p, window, device)?);
         }
         Ok(self.masks[i].clone().flatten())
     }
@@ -100,7 +100,7 @@ impl Llama {
                 let own = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, at, rows)?.contiguous()?) };
                 let (k, v) = s.cache.layers[l].append(own(&k)?, own(&v)?, &packing.positions[i])?;
                 let want = s.hook.wants_attention(l);
-                let mask = packing.mask(i, &device)?;
+                let mask = packing.mask(i, self.window, &device)?;
                 let (out, probs) = layer.self_attn.attend_keys(&own(&q)?, k, v, mask.as_ref(), want)?;
                 if let Some(probs) = probs {
                     if let Some(k) = s.hook.on_attention(l, &probs, &packing.positions[i])? {

@@ -4,11 +4,12 @@
 //! and the LM head run once over all of them (every weight is read once per step, not once per
 //! sequence). Attention runs per sequence over that sequence's own per-layer cache, whose length
 //! differs between sequences and, after pruning, between layers; nothing is padded to the
-//! longest. Each row gets RoPE at its own sequence's position.
+//! longest. Each row gets RoPE at its own sequence's position, and with a sliding window
+//! (Mistral) each sequence's keys outside its window are masked.
 
 use candle_core::{DType, Module, Tensor};
 
-use super::llama::{KvCache, Llama};
+use super::llama::{position_mask, KvCache, Llama};
 use super::{ModelError, Result};
 
 impl Llama {
@@ -38,9 +39,15 @@ impl Llama {
             let mut outs = Vec::with_capacity(b);
             for (i, cache) in caches.iter_mut().enumerate() {
                 let own = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, i, 1)?.contiguous()?) };
-                let (k, v) = cache.layers[l].append(own(&k)?, own(&v)?, &positions[i..i + 1])?;
-                // Every cached key sits at or before the new token's position: no mask.
-                let (out, _) = layer.self_attn.attend_keys(&own(&q)?, k, v, None, false)?;
+                let layer_cache = &mut cache.layers[l];
+                let (k, v) = layer_cache.append(own(&k)?, own(&v)?, &positions[i..i + 1])?;
+                // Every cached key sits at or before the new token's position, so only a sliding
+                // window (Mistral) can hide keys: those W or more positions back.
+                let mask = match self.window {
+                    Some(_) => position_mask(&positions[i..i + 1], layer_cache.positions(), self.window, &device)?,
+                    None => None,
+                };
+                let (out, _) = layer.self_attn.attend_keys(&own(&q)?, k, v, mask.as_ref(), false)?;
                 outs.push(out);
             }
             let attn = Tensor::cat(&outs, 1)?;

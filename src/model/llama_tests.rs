@@ -446,3 +446,37 @@ fn a_truncated_cache_decodes_as_if_the_undone_step_never_ran() {
     assert_close(&again, &first, 0.0);
     assert!(m.decode_batch(&[3, 4], &[n], &mut [&mut cache]).is_err());
 }
+
+#[test]
+fn batched_decode_enforces_a_sliding_window_like_the_single_sequence_path() {
+    let w = weights();
+    let vb = VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu);
+    let mut windowed = cfg();
+    windowed.sliding_window = Some(4);
+    let m = Llama::load(vb.clone(), Some(vb.pp("lm_head")), &windowed).unwrap();
+    let plain = model(&w);
+    let prompts = [IDS.to_vec(), vec![4, 2, 9, 1, 3, 7, 7]];
+    let prefill = |m: &Llama, ids: &[u32]| {
+        let mut cache = KvCache::with_growth(LAYERS, 4);
+        let pos: Vec<u32> = (0..ids.len() as u32).collect();
+        m.forward(&embeds(&w, ids).0, &pos, &mut cache, &mut NoHook).unwrap();
+        cache
+    };
+    let mut batched: Vec<KvCache> = prompts.iter().map(|p| prefill(&m, p)).collect();
+    let mut alone: Vec<KvCache> = prompts.iter().map(|p| prefill(&m, p)).collect();
+    let mut unwindowed: Vec<KvCache> = prompts.iter().map(|p| prefill(&plain, p)).collect();
+    let tokens = [5u32, 6];
+    let positions: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
+    let mut refs: Vec<&mut KvCache> = batched.iter_mut().collect();
+    let got = rows(&m.decode_batch(&tokens, &positions, &mut refs).unwrap());
+    let mut refs: Vec<&mut KvCache> = unwindowed.iter_mut().collect();
+    let without = rows(&plain.decode_batch(&tokens, &positions, &mut refs).unwrap());
+    for i in 0..prompts.len() {
+        let (e, _) = embeds(&w, &tokens[i..i + 1]);
+        let out = m.forward(&e, &positions[i..i + 1], &mut alone[i], &mut NoHook).unwrap();
+        assert_close(&got[i..i + 1], &rows(&m.last_logits(&out.hidden).unwrap()), 1e-5);
+        // The window hides keys here, so ignoring it would give other logits.
+        let differs = got[i].iter().zip(&without[i]).any(|(a, b)| (a - b).abs() > 1e-3);
+        assert!(differs, "sequence {i}: the sliding window changed nothing");
+    }
+}

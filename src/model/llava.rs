@@ -1,6 +1,11 @@
 //! A loaded LLaVA model (Liu et al. 2023, "Improved Baselines with Visual Instruction Tuning";
-//! transformers' `LlavaForConditionalGeneration` + `LlavaProcessor`): prompt building,
-//! image features merged into the token embeddings, prefill and decode steps.
+//! transformers' `LlavaForConditionalGeneration` + `LlavaProcessor`, and the NeXT family's
+//! `LlavaNextForConditionalGeneration` + `LlavaNextProcessor`): prompt building, image features
+//! merged into the token embeddings, prefill and decode steps.
+//!
+//! The family seam is the private [`Family`]: it decides how an image becomes vision-tower
+//! tiles and how many tokens it takes; everything after the merge (decoder, pruning hooks,
+//! caches) is shared, so callers never name a family.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -9,12 +14,13 @@ use candle_core::{DType, Device, Tensor};
 use image::DynamicImage;
 use tokenizers::Tokenizer;
 
-use super::config::LlavaConfig;
+use super::config::{LlavaConfig, ModelType};
 use super::llama::{DecoderHook, DecoderOutput, KvCache, Llama};
 use super::llama_batch::BatchSequence;
+use super::next::NextHead;
 use super::preprocess::{ImagePreprocessor, PreprocessorConfig};
 use super::projector::Projector;
-use super::prompt::{expand_image_tokens, image_token_from_dir, ChatMessage, ChatTemplate};
+use super::prompt::{expand_image_tokens_each, image_token_from_dir, ChatMessage, ChatTemplate};
 use super::vision::VisionTower;
 use super::weights::{self, TensorLayout};
 use super::{ModelError, Result};
@@ -43,10 +49,14 @@ pub struct PreparedPrompt {
     pub text: String,
     /// Token ids with every image placeholder expanded to one id per image feature.
     pub input_ids: Vec<u32>,
-    /// (images, 3, H, W) pixel values, `None` for a text-only prompt.
+    /// (tiles, 3, H, W) pixel values, `None` for a text-only prompt: one tile per image for
+    /// LLaVA-1.5; for NeXT each image's base tile and then its grid tiles, image after image.
     pub pixel_values: Option<Tensor>,
-    /// Token ranges occupied by each image's features, in order.
+    /// Token ranges occupied by each image's features, in order (a NeXT image's whole packed
+    /// span: base, grid and newline tokens).
     pub image_spans: Vec<Range<usize>>,
+    /// Original (height, width) of each image, which NeXT's feature packing needs.
+    pub image_sizes: Vec<(u32, u32)>,
 }
 
 impl PreparedPrompt {
@@ -75,9 +85,18 @@ pub struct Prefill {
     pub output: DecoderOutput,
 }
 
+/// What differs between the families: how images become tiles and tokens.
+enum Family {
+    /// LLaVA-1.5: one CLIP-preprocessed tile and `image_feature_count` tokens per image.
+    V15,
+    /// LLaVA-NeXT: anyres tiles and a packed, size-dependent token sequence per image.
+    Next(NextHead),
+}
+
 /// LLaVA weights plus the tokenizer, chat template and image preprocessor that go with them.
 pub struct LlavaModel {
     config: LlavaConfig,
+    family: Family,
     vision: VisionTower,
     projector: Projector,
     llama: Llama,
@@ -95,8 +114,15 @@ impl LlavaModel {
     pub fn load(dir: &Path, options: LoadOptions) -> Result<Self> {
         let config = LlavaConfig::from_json_str(&weights::read(&dir.join("config.json"))?)?;
         let pre_path = dir.join("preprocessor_config.json");
-        let pre_cfg = PreprocessorConfig::from_json_str(&weights::read(&pre_path)?)?;
-        let preprocessor = ImagePreprocessor::new(pre_cfg, options.pad_to_square)?;
+        let pre_text = weights::read(&pre_path)?;
+        let mut pre_cfg = PreprocessorConfig::from_json_str(&pre_text)?;
+        if config.model_type == ModelType::LlavaNext {
+            super::next::check_pinpoints(&pre_text, &config)?;
+            // LlavaNextImageProcessor's `do_pad` pads the tile count across a batch, not the
+            // image to a square; the packing below never reads padded tiles.
+            pre_cfg.do_pad = false;
+        }
+        let preprocessor = ImagePreprocessor::new(pre_cfg.clone(), options.pad_to_square)?;
         let image_token = image_token_from_dir(dir)?;
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.exists() {
@@ -132,8 +158,18 @@ impl LlavaModel {
         let llama = Llama::load(vb.pp(layout.text_model()), lm_head, &config.text_config).map_err(weights_err)?;
         let vision = VisionTower::load(vb.pp(layout.vision_model()), &config).map_err(weights_err)?;
         let projector = Projector::load(vb.pp(layout.projector()), &config).map_err(weights_err)?;
+        let family = match config.model_type {
+            ModelType::Llava => Family::V15,
+            ModelType::LlavaNext => {
+                let newline = vb
+                    .get(config.text_config.hidden_size, layout.image_newline())
+                    .map_err(|e| ModelError::Weights(format!("{}: {e}", dir.display())))?;
+                Family::Next(NextHead::new(&config, &pre_cfg, newline)?)
+            }
+        };
         Ok(Self {
             config,
+            family,
             vision,
             projector,
             llama,
@@ -182,6 +218,22 @@ impl LlavaModel {
         self.config.text_config.eos_token_id.as_ref().map(|e| e.ids()).unwrap_or_default()
     }
 
+    /// Visual tokens an image of `width` x `height` becomes (fixed for LLaVA-1.5; for NeXT it
+    /// depends on the size, e.g. 1,176 at 336x336 and 2,928 at 672x672 for 336-px tiles).
+    pub fn image_token_count(&self, width: u32, height: u32) -> Result<usize> {
+        match &self.family {
+            Family::V15 => Ok(self.config.image_feature_count()),
+            Family::Next(head) => head.token_count((height, width)),
+        }
+    }
+
+    /// A typical image's visual tokens, the default `N` of an imported recipe: LLaVA-1.5's fixed
+    /// count; for NeXT a square image of 2x2 tiles (2,928 for 336-px tiles).
+    pub fn nominal_image_tokens(&self) -> usize {
+        let side = 2 * self.config.vision_config.image_size as u32;
+        self.image_token_count(side, side).unwrap_or_else(|_| self.config.image_feature_count())
+    }
+
     /// Renders the chat template, checks images against placeholders, expands and tokenizes.
     pub fn prepare(&self, messages: &[ChatMessage], images: &[DynamicImage]) -> Result<PreparedPrompt> {
         let text = self.template.render(messages, true)?;
@@ -197,32 +249,17 @@ impl LlavaModel {
                 images.len()
             )));
         }
-        let expanded = expand_image_tokens(&text, &self.image_token, self.config.image_feature_count());
+        let image_sizes: Vec<(u32, u32)> = images.iter().map(|i| (i.height(), i.width())).collect();
+        let counts = image_sizes.iter().map(|&(h, w)| self.image_token_count(w, h)).collect::<Result<Vec<usize>>>()?;
+        let expanded = expand_image_tokens_each(&text, &self.image_token, &counts);
         let encoding = self.tokenizer.encode(expanded, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         let input_ids = encoding.get_ids().to_vec();
-        let per_image = self.config.image_feature_count();
-        let runs = runs_of(&input_ids, self.config.image_token_index);
-        // Adjacent placeholders merge into one run; split it back into one span per image.
-        if runs.iter().any(|r| r.len() % per_image != 0) {
-            return Err(ModelError::InvalidInput(format!(
-                "image tokens come in runs of {:?}, not multiples of {per_image}",
-                runs.iter().map(|r| r.len()).collect::<Vec<_>>()
-            )));
-        }
-        let image_spans: Vec<Range<usize>> =
-            runs.iter().flat_map(|r| r.clone().step_by(per_image).map(move |s| s..s + per_image)).collect();
-        if image_spans.len() != images.len() {
-            return Err(ModelError::InvalidInput(format!(
-                "{} images were given but the tokenized prompt holds {}",
-                images.len(),
-                image_spans.len()
-            )));
-        }
+        let image_spans = image_spans(&input_ids, self.config.image_token_index, &counts)?;
         let pixel_values = self.pixel_values(images)?;
-        Ok(PreparedPrompt { text, input_ids, pixel_values, image_spans })
+        Ok(PreparedPrompt { text, input_ids, pixel_values, image_spans, image_sizes })
     }
 
-    /// Preprocesses images into one (images, 3, H, W) tensor.
+    /// Preprocesses images into one (tiles, 3, H, W) tensor (one tile per image for LLaVA-1.5).
     pub fn pixel_values(&self, images: &[DynamicImage]) -> Result<Option<Tensor>> {
         if images.is_empty() {
             return Ok(None);
@@ -230,9 +267,13 @@ impl LlavaModel {
         let (h, w) = self.preprocessor.output_size();
         let mut data = Vec::with_capacity(images.len() * 3 * h * w);
         for img in images {
-            data.extend(self.preprocessor.preprocess(img)?);
+            match &self.family {
+                Family::V15 => data.extend(self.preprocessor.preprocess(img)?),
+                Family::Next(head) => data.extend(head.tiles(&self.preprocessor, img)?),
+            }
         }
-        let t = Tensor::from_vec(data, (images.len(), 3, h, w), &self.options.device)?;
+        let tiles = data.len() / (3 * h * w);
+        let t = Tensor::from_vec(data, (tiles, 3, h, w), &self.options.device)?;
         Ok(Some(t.to_dtype(self.options.dtype)?))
     }
 
@@ -263,7 +304,7 @@ impl LlavaModel {
             .collect()
     }
 
-    /// Projected image features (images, tokens per image, hidden) for pixels (images, 3, H, W).
+    /// Projected tile features (tiles, tokens per tile, hidden) for pixels (tiles, 3, H, W).
     fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
         self.projector.forward(&self.vision.forward(pixels)?)
     }
@@ -276,7 +317,28 @@ impl LlavaModel {
         let Some(feats) = feats else {
             return Ok(text.unsqueeze(0)?);
         };
-        let feats = feats.flatten_to(1)?.to_dtype(text.dtype())?;
+        let feats = match &self.family {
+            Family::V15 => feats.flatten_to(1)?,
+            Family::Next(head) => {
+                // Split the prompt's tiles per image, then pack each image's features.
+                let mut at = 0;
+                let mut packed = Vec::with_capacity(prompt.image_sizes.len());
+                for &size in &prompt.image_sizes {
+                    let n = head.layout(size)?.tiles();
+                    packed.push(head.pack(&feats.narrow(0, at, n)?, size)?);
+                    at += n;
+                }
+                Tensor::cat(&packed, 0)?
+            }
+        }
+        .to_dtype(text.dtype())?;
+        if feats.dim(0)? != prompt.visual_tokens() {
+            return Err(ModelError::InvalidInput(format!(
+                "the images give {} features for {} image tokens",
+                feats.dim(0)?,
+                prompt.visual_tokens()
+            )));
+        }
         // One gather: row p takes text row p, or row (tokens + k) for the k-th image token.
         let tokens = prompt.input_ids.len() as u32;
         let mut k = 0u32;
@@ -350,33 +412,45 @@ impl LlavaModel {
     }
 }
 
-/// Maximal runs of `id` in `ids`.
-fn runs_of(ids: &[u32], id: u32) -> Vec<Range<usize>> {
-    let mut runs = Vec::new();
-    let mut start = None;
-    for (i, &t) in ids.iter().enumerate() {
-        match (t == id, start) {
-            (true, None) => start = Some(i),
-            (false, Some(s)) => {
-                runs.push(s..i);
-                start = None;
-            }
-            _ => {}
+/// Each image's token range: the image tokens of `ids`, in order, taken `counts[i]` at a time;
+/// each image's tokens must be contiguous (adjacent images may touch).
+fn image_spans(ids: &[u32], image_id: u32, counts: &[usize]) -> Result<Vec<Range<usize>>> {
+    let at: Vec<usize> = ids.iter().enumerate().filter(|(_, &t)| t == image_id).map(|(i, _)| i).collect();
+    let total: usize = counts.iter().sum();
+    if at.len() != total {
+        return Err(ModelError::InvalidInput(format!(
+            "the tokenized prompt holds {} image tokens, but its {} images need {total}",
+            at.len(),
+            counts.len()
+        )));
+    }
+    let mut spans = Vec::with_capacity(counts.len());
+    let mut next = 0;
+    for (i, &n) in counts.iter().enumerate() {
+        if n == 0 {
+            return Err(ModelError::InvalidInput(format!("image {i} has no visual tokens")));
         }
+        let (first, last) = (at[next], at[next + n - 1]);
+        if last - first + 1 != n {
+            return Err(ModelError::InvalidInput(format!("image {i}'s {n} tokens are not contiguous in the prompt")));
+        }
+        spans.push(first..last + 1);
+        next += n;
     }
-    if let Some(s) = start {
-        runs.push(s..ids.len());
-    }
-    runs
+    Ok(spans)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::runs_of;
+    use super::image_spans;
 
     #[test]
-    fn runs_are_maximal_and_ordered() {
-        assert_eq!(runs_of(&[1, 9, 9, 2, 9, 3, 9, 9, 9], 9), vec![1..3, 4..5, 6..9]);
-        assert!(runs_of(&[1, 2], 9).is_empty());
+    fn spans_split_adjacent_images_by_their_counts() {
+        let ids = [1, 9, 9, 9, 9, 9, 2, 9, 9, 3];
+        assert_eq!(image_spans(&ids, 9, &[2, 3, 2]).unwrap(), vec![1..3, 3..6, 7..9]);
+        // Counts that do not add up, and an image straddling text, are refused.
+        assert!(image_spans(&ids, 9, &[2, 3]).is_err());
+        assert!(image_spans(&ids, 9, &[4, 3]).is_err());
+        assert!(image_spans(&ids, 9, &[2, 0, 5]).is_err());
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! Nothing here knows about tokio or HTTP; the engine drives these types from its own thread.
 
+pub mod anyres;
 pub mod config;
 pub mod demo;
 pub mod demo_tokenizer;
@@ -10,6 +11,7 @@ pub mod llama;
 pub mod llama_batch;
 pub mod llama_decode;
 pub mod llava;
+mod next;
 pub mod preprocess;
 pub mod projector;
 pub mod prompt;

@@ -168,6 +168,11 @@ impl ImagePreprocessor {
         Ok(Self { cfg, pad_colour, output, lut })
     }
 
+    /// The parsed config.
+    pub fn config(&self) -> &PreprocessorConfig {
+        &self.cfg
+    }
+
     /// Output (height, width) in pixels.
     pub fn output_size(&self) -> (usize, usize) {
         (self.output.0 as usize, self.output.1 as usize)
@@ -219,7 +224,7 @@ impl ImagePreprocessor {
     /// transformers' `center_crop` with its zero padding where the crop overhangs, fused with
     /// the per-level rescale/normalise table, writing CHW. Output pixel (y, x) reads `rgb` at
     /// (y + top, x + left).
-    fn crop_and_normalize(&self, rgb: &RgbImage, top: i64, left: i64) -> Vec<f32> {
+    pub(super) fn crop_and_normalize(&self, rgb: &RgbImage, top: i64, left: i64) -> Vec<f32> {
         let (out_h, out_w) = self.output_size();
         let (h, w) = (i64::from(rgb.height()), i64::from(rgb.width()));
         let src = rgb.as_raw();
@@ -272,7 +277,7 @@ fn resize_output_size(height: u32, width: u32, target: ResizeTarget) -> (u32, u3
 /// RGB conversion with PIL's results for what PIL would have decoded: 8-bit modes drop alpha
 /// and replicate grey; 16-bit PNG colour keeps the high byte (PIL's `RGB;16B` unpacker), and
 /// 16-bit grey clamps to 255 (PIL's `I;16` -> `RGB`), where `to_rgb8` would scale instead.
-fn to_rgb_like_pil(img: &DynamicImage) -> RgbImage {
+pub(super) fn to_rgb_like_pil(img: &DynamicImage) -> RgbImage {
     let high_byte = |v: u16| (v >> 8) as u8;
     match img {
         DynamicImage::ImageRgb8(rgb) => rgb.clone(),

@@ -258,6 +258,22 @@ pub fn expand_image_tokens(prompt: &str, image_token: &str, num_image_tokens: us
     prompt.replace(image_token, &image_token.repeat(num_image_tokens))
 }
 
+/// Repeats the i-th `image_token` `counts[i]` times (NeXT: each image's own count, as
+/// `LlavaNextProcessor` expands them in order). Placeholders beyond `counts` stay as they are.
+pub fn expand_image_tokens_each(prompt: &str, image_token: &str, counts: &[usize]) -> String {
+    if image_token.is_empty() {
+        return prompt.to_string();
+    }
+    let mut out = String::with_capacity(prompt.len() + counts.iter().sum::<usize>() * image_token.len());
+    let mut pieces = prompt.split(image_token);
+    out.push_str(pieces.next().unwrap_or_default());
+    for (i, piece) in pieces.enumerate() {
+        out.push_str(&image_token.repeat(counts.get(i).copied().unwrap_or(1)));
+        out.push_str(piece);
+    }
+    out
+}
+
 /// Total image parts over all messages (must equal the images supplied with them).
 pub fn count_images(messages: &[ChatMessage]) -> usize {
     messages.iter().map(ChatMessage::image_count).sum()

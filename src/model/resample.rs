@@ -5,7 +5,10 @@
 //! `resize` does not: it uses other filter windows and float accumulation, and is off by a few
 //! levels per pixel. This module follows Pillow's algorithm instead: separable convolution,
 //! horizontal pass first, with coefficients computed in f64, normalised to sum 1, then rounded to
-//! fixed point; each pass rounds and clips to u8. Nearest neighbour follows Pillow's affine
+//! fixed point; each pass rounds and clips to u8. Pillow 13 runs the vertical pass first when the
+//! height shrinks by more than twice as many pixels as the width (`ImagingResampleInner`); the
+//! intermediate rounding makes the order visible, so it is followed here too. Nearest neighbour
+//! follows Pillow's affine
 //! scaling path in `Geometry.c`. Matches Pillow's x86-64 builds (no fused multiply-add).
 //! Pillow's `reducing_gap` pre-reduction is not implemented: transformers never passes it.
 
@@ -231,8 +234,16 @@ pub fn resize_region(img: &RgbImage, width: u32, height: u32, region: Region, fi
     convolve(img, (width as usize, height as usize), xs, ys, filter)
 }
 
-/// The two-pass convolution of `ImagingResampleInner`, horizontal first; a pass is skipped when
-/// its axis keeps its size, as in Pillow.
+/// Pillow 13's pass order: vertical first when `(in_h - h) > 0 && (in_h - h) > (in_w - w) * 2`
+/// (signed pixel counts), horizontal first otherwise.
+fn vertical_first(in_w: usize, in_h: usize, width: usize, height: usize) -> bool {
+    let dy = in_h as i64 - height as i64;
+    let dx = in_w as i64 - width as i64;
+    dy > 0 && dy > dx * 2
+}
+
+/// The two-pass convolution of `ImagingResampleInner`; a pass is skipped when its axis keeps
+/// its size, as in Pillow.
 fn convolve(
     img: &RgbImage,
     (width, height): (usize, usize),
@@ -241,6 +252,9 @@ fn convolve(
     filter: Filter,
 ) -> RgbImage {
     let (in_w, in_h) = (img.width() as usize, img.height() as usize);
+    if width != in_w && height != in_h && vertical_first(in_w, in_h, width, height) {
+        return convolve_vertical_first(img, width, height, xs, ys, filter);
+    }
     let vert = (height != in_h).then(|| Taps::new(in_h, height, ys.clone(), filter));
     // Source rows the output needs: the vertical taps' reach, or the region's own rows.
     let rows = vert.as_ref().map_or(ys.clone(), Taps::span);
@@ -287,6 +301,55 @@ fn convolve(
                 ss += i32::from(src[first + y * stride + i]) * ky;
             }
             *dst = clip8(ss);
+        }
+    }
+    out
+}
+
+/// The vertical pass over the source columns the horizontal taps of `xs` read, then the
+/// horizontal pass: the order Pillow 13 takes for images whose height shrinks most.
+fn convolve_vertical_first(
+    img: &RgbImage,
+    width: usize,
+    height: usize,
+    xs: Range<usize>,
+    ys: Range<usize>,
+    filter: Filter,
+) -> RgbImage {
+    let (in_w, in_h) = (img.width() as usize, img.height() as usize);
+    let vert = Taps::new(in_h, height, ys.clone(), filter);
+    let horiz = Taps::new(in_w, width, xs.clone(), filter);
+    let cols = horiz.span();
+    let src = img.as_raw();
+    // tmp: (ys rows, cols) RGB, the vertically resampled columns the horizontal taps need.
+    let tmp_line = cols.len() * 3;
+    let mut tmp = vec![0u8; ys.len() * tmp_line];
+    for (r, line) in tmp.chunks_exact_mut(tmp_line).enumerate() {
+        let (ymin, k) = vert.row(r);
+        for (i, dst) in line.iter_mut().enumerate() {
+            let at = cols.start * 3 + i;
+            let mut ss = HALF;
+            for (y, &ky) in k.iter().enumerate() {
+                ss += i32::from(src[(ymin + y) * in_w * 3 + at]) * ky;
+            }
+            *dst = clip8(ss);
+        }
+    }
+    let mut out = RgbImage::new(xs.len() as u32, ys.len() as u32);
+    let line = xs.len() * 3;
+    for (line_in, line_out) in tmp.chunks_exact(tmp_line).zip(out.chunks_exact_mut(line)) {
+        for (i, px) in line_out.chunks_exact_mut(3).enumerate() {
+            let (xmin, k) = horiz.row(i);
+            let mut ss = [HALF; 3];
+            for (x, &kx) in k.iter().enumerate() {
+                let p = &line_in[(xmin - cols.start + x) * 3..(xmin - cols.start + x) * 3 + 3];
+                for c in 0..3 {
+                    ss[c] += i32::from(p[c]) * kx;
+                }
+            }
+            for c in 0..3 {
+                px[c] = clip8(ss[c]);
+            }
         }
     }
     out
@@ -367,7 +430,20 @@ mod tests {
 
     #[test]
     fn matches_pillow_resize_byte_for_byte() {
-        let text = std::fs::read_to_string(fixture_dir().join("expected.json")).unwrap();
+        check_fixture("expected.json");
+    }
+
+    /// Pillow 13 runs the vertical pass first for images whose height shrinks most; both orders
+    /// and the boundary of the rule, for every filter (tests/reference/resample_order_reference.py).
+    #[test]
+    fn follows_pillows_pass_order() {
+        check_fixture("pass_order.json");
+        assert!(vertical_first(50, 80, 45, 30) && !vertical_first(50, 80, 40, 60) && vertical_first(50, 80, 41, 60));
+        assert!(vertical_first(37, 23, 60, 9) && !vertical_first(80, 50, 30, 45));
+    }
+
+    fn check_fixture(file: &str) {
+        let text = std::fs::read_to_string(fixture_dir().join(file)).unwrap();
         let fixture: Fixture = serde_json::from_str(&text).unwrap();
         assert!(fixture.resize.len() >= 10);
         for case in &fixture.resize {
@@ -406,7 +482,8 @@ mod tests {
         let img = RgbImage::from_fn(23, 17, |x, y| image::Rgb([(x * 11) as u8, (y * 15) as u8, ((x * y) % 256) as u8]));
         let filters = [Filter::Nearest, Filter::Bilinear, Filter::Bicubic, Filter::Lanczos];
         for filter in filters {
-            for (w, h) in [(9, 31), (40, 17), (23, 5), (23, 17)] {
+            // (20, 5) takes the vertical-first path.
+            for (w, h) in [(9, 31), (40, 17), (23, 5), (20, 5), (23, 17)] {
                 let full = resize(&img, w, h, filter);
                 for (x, y, rw, rh) in [(0, 0, w, h), (2, 3, 5, 4), (w - 3, h - 2, 10, 10)] {
                     let region = Region { x, y, width: rw, height: rh };

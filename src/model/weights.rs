@@ -47,6 +47,14 @@ impl TensorLayout {
         }
     }
 
+    /// Name of LLaVA-NeXT's `image_newline` parameter.
+    pub fn image_newline(self) -> &'static str {
+        match self {
+            Self::Hub => "image_newline",
+            Self::Nested => "model.image_newline",
+        }
+    }
+
     /// Prefix of the projector.
     pub fn projector(self) -> &'static str {
         match self {

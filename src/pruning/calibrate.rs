@@ -80,7 +80,8 @@ impl EvalCounts {
 /// Calibration result.
 #[derive(Debug, Clone)]
 pub struct Calibration {
-    /// Visual tokens per sample.
+    /// Visual tokens per sample: the samples' mean, rounded (their counts may differ, e.g. NeXT
+    /// images of different sizes); the recipes' N.
     pub visual_tokens: usize,
     /// Samples used.
     pub samples: usize,
@@ -140,7 +141,8 @@ struct Calibrator<'a> {
     model: &'a dyn LayerRunner,
     flops: FlopsModel,
     samples: Vec<Sample>,
-    visual: usize,
+    /// Each sample's own visual-token count.
+    visual: Vec<u64>,
     counts: EvalCounts,
     /// Memo size limit and current size in bytes, and the use clock.
     cache_bytes: usize,
@@ -152,8 +154,11 @@ fn bytes(t: &Tensor) -> usize {
     t.elem_count() * t.dtype().size_in_bytes()
 }
 
-/// Fits one recipe per budget from calibration prompts (each with the same number of visual
-/// tokens and some text after the image); `model` runs the layer evaluations.
+/// Fits one recipe per budget from calibration prompts (each with visual tokens and some text
+/// after the image). Samples may differ in visual-token count: each is walked with its own
+/// count and FLOPs, and the budget is checked on the average over samples, as the authors'
+/// statistics do; the result's N is the mean count, rounded. `model` runs the layer
+/// evaluations.
 pub fn calibrate(
     model: &dyn LayerRunner,
     prompts: &[PreparedPrompt],
@@ -161,14 +166,15 @@ pub fn calibrate(
     observer: &mut dyn CalibrationObserver,
 ) -> Result<Calibration, PruneError> {
     validate(prompts, opts)?;
-    let visual = prompts[0].visual_tokens();
+    let counts: Vec<u64> = prompts.iter().map(|p| p.visual_tokens() as u64).collect();
+    let visual = ((counts.iter().sum::<u64>() + counts.len() as u64 / 2) / counts.len() as u64) as usize;
     let steps = search_steps(opts.tolerance);
     let total = 1 + opts.budgets.len() * steps;
     let mut c = Calibrator {
         model,
         flops: model.flops(),
         samples: Vec::with_capacity(prompts.len()),
-        visual,
+        visual: counts,
         counts: EvalCounts::default(),
         cache_bytes: opts.cache_bytes,
         held: 0,
@@ -244,13 +250,9 @@ fn validate(prompts: &[PreparedPrompt], opts: &CalibrateOptions) -> Result<(), P
     if !(opts.tolerance > 0.0 && opts.tolerance < 1.0) {
         return bad(format!("tolerance {} is outside (0, 1)", opts.tolerance));
     }
-    let n = prompts[0].visual_tokens();
     for (i, p) in prompts.iter().enumerate() {
-        if p.visual_tokens() == 0 || p.visual_tokens() != n {
-            return bad(format!(
-                "sample {i} has {} visual tokens; every sample needs the same non-zero count ({n})",
-                p.visual_tokens()
-            ));
+        if p.visual_tokens() == 0 {
+            return bad(format!("sample {i} has no visual tokens"));
         }
         let last_visual = p.image_spans.iter().map(|r| r.end).max().unwrap_or(0);
         if last_visual >= p.input_ids.len() {
@@ -435,8 +437,8 @@ impl Calibrator<'_> {
         self.counts.fits += 1;
         let layers = self.flops.layers;
         let count = self.samples.len();
-        let origin = self.flops.unpruned(self.visual as u64) as f64;
-        let mut left = vec![self.visual as u64; count];
+        let origin = self.mean_unpruned();
+        let mut left = self.visual.clone();
         let mut at = vec![0usize; count];
         let mut scheme = vec![0usize; layers];
         let mut already: u128 = 0;
@@ -476,6 +478,18 @@ impl Calibrator<'_> {
             self.counts.naive_layers += (layers * count) as u64;
         }
         Ok((reached, scheme.into_iter().map(|d| d / count).collect()))
+    }
+
+    /// Unpruned FLOPs averaged over samples. With one shared count this is exactly
+    /// `unpruned(N)` as the authors compute it (no averaging rounding at the budget boundary).
+    fn mean_unpruned(&self) -> f64 {
+        match self.visual.first() {
+            Some(&n) if self.visual.iter().all(|&m| m == n) => self.flops.unpruned(n) as f64,
+            _ => {
+                let total: u128 = self.visual.iter().map(|&n| self.flops.unpruned(n)).sum();
+                total as f64 / self.visual.len() as f64
+            }
+        }
     }
 
     /// Rows to delete at a node for `alpha`: the intersection of the cross and self prefix sets.

@@ -4,13 +4,14 @@
 use serde::{Deserialize, Serialize};
 
 use super::flops::FlopsModel;
+use crate::model::config::ModelType;
 
 /// What a recipe is checked against: the loaded model's identity and shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelShape {
     /// `model::fingerprint::fingerprint` of the model directory.
     pub fingerprint: String,
-    /// Visual tokens per image.
+    /// Visual tokens of a typical image (`LlavaModel::nominal_image_tokens`).
     pub visual_tokens: usize,
     /// Decoder FLOPs model (layer count included).
     pub flops: FlopsModel,
@@ -21,7 +22,7 @@ impl ModelShape {
     pub fn of(model: &crate::model::LlavaModel, fingerprint: String) -> Self {
         Self {
             fingerprint,
-            visual_tokens: model.config().image_feature_count(),
+            visual_tokens: model.nominal_image_tokens(),
             flops: FlopsModel::from_config(&model.config().text_config),
         }
     }
@@ -106,15 +107,16 @@ impl Recipe {
 
     /// Per-layer deletions for a prompt with `n` visual tokens.
     ///
-    /// A recipe is fitted for `visual_tokens` tokens; for another count each layer's deletions
-    /// scale by `n / visual_tokens`, rounded to nearest, so the recipe removes the same share
-    /// of tokens at the same depths (e.g. two images double every count).
+    /// A recipe is fitted for `visual_tokens` tokens (N); for `n` tokens layer l deletes
+    /// `floor(d_l * n / N)`, the authors' LLaVA_NEXT rule, for every family: the same share of
+    /// tokens at the same depths, never more (two images double every count; a NeXT image of
+    /// another size scales by its own count). Exact integer arithmetic, no float rounding.
     pub fn deletions_for(&self, n: usize) -> Vec<usize> {
         if n == self.visual_tokens || self.visual_tokens == 0 {
             return self.deletions.clone();
         }
-        let scale = n as f64 / self.visual_tokens as f64;
-        self.deletions.iter().map(|&d| (d as f64 * scale).round() as usize).collect()
+        let (n, big_n) = (n as u128, self.visual_tokens as u128);
+        self.deletions.iter().map(|&d| (d as u128 * n / big_n) as usize).collect()
     }
 
     /// Completes an imported recipe for the loaded model: fills the fingerprint, the visual-token
@@ -189,29 +191,76 @@ pub const AUTHORS_LLAVA15_7B: [(u32, [usize; 32]); 10] = [
     (90, [262, 153, 80, 19, 13, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 2, 1, 2, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]),
 ];
 
-/// One of the authors' schemes as a recipe (`name` like `authors-llava15-7b-50`).
+/// The authors' published LLaVA-NeXT-7B (Vicuna) schemes (FitPrune `LLaVA_NEXT`
+/// `modeling_llama.py`), by percent, fitted at 2,880 visual tokens.
+pub const AUTHORS_LLAVA_NEXT_7B: [(u32, [usize; 32]); 2] = [
+    (
+        40,
+        [
+            7, 73, 162, 124, 119, 148, 131, 151, 105, 26, 30, 17, 5, 19, 44, 10, 73, 60, 67, 61, 32, 39, 0, 3, 1, 5, 0,
+            0, 0, 0, 0, 0,
+        ],
+    ),
+    (
+        60,
+        [
+            98, 313, 279, 218, 201, 221, 167, 132, 63, 12, 11, 5, 1, 8, 26, 13, 83, 57, 56, 58, 24, 42, 0, 2, 1, 5, 0,
+            0, 0, 0, 0, 0,
+        ],
+    ),
+];
+
+/// Published schemes: (percent, per-layer deletions of a 32-layer model).
+type Schemes = &'static [(u32, [usize; 32])];
+
+/// The built-in scheme families: name prefix, the model family they are for, the visual-token
+/// count they were fitted at, and the schemes.
+const SCHEMES: [(&str, ModelType, usize, Schemes); 2] = [
+    ("authors-llava15-7b-", ModelType::Llava, 576, &AUTHORS_LLAVA15_7B),
+    ("authors-llava-next-7b-", ModelType::LlavaNext, 2880, &AUTHORS_LLAVA_NEXT_7B),
+];
+
+/// One of the authors' schemes as a recipe (`name` like `authors-llava15-7b-50` or
+/// `authors-llava-next-7b-40`).
 pub fn authors_scheme(name: &str) -> Option<Recipe> {
-    let percent: u32 = name.strip_prefix("authors-llava15-7b-")?.parse().ok()?;
-    let (_, d) = AUTHORS_LLAVA15_7B.iter().find(|(p, _)| *p == percent)?;
-    let recipe = Recipe {
-        id: String::new(),
-        name: name.to_string(),
-        model_fingerprint: String::new(),
-        budget: f64::from(percent) / 100.0,
-        achieved_reduction: 0.0,
-        deletions: d.to_vec(),
-        alpha: None,
-        visual_tokens: 576,
-        samples: 0,
-        created_at: String::new(),
-        job_id: None,
-    };
-    Some(recipe.with_reduction(&FlopsModel::llava15_7b()))
+    SCHEMES.iter().find_map(|&(prefix, _, n, schemes)| {
+        let percent: u32 = name.strip_prefix(prefix)?.parse().ok()?;
+        let (_, d) = schemes.iter().find(|(p, _)| *p == percent)?;
+        let recipe = Recipe {
+            id: String::new(),
+            name: name.to_string(),
+            model_fingerprint: String::new(),
+            budget: f64::from(percent) / 100.0,
+            achieved_reduction: 0.0,
+            deletions: d.to_vec(),
+            alpha: None,
+            visual_tokens: n,
+            samples: 0,
+            created_at: String::new(),
+            job_id: None,
+        };
+        // Both were fitted on Vicuna-7B decoders.
+        Some(recipe.with_reduction(&FlopsModel::llava15_7b()))
+    })
 }
 
 /// Names of all built-in schemes.
 pub fn authors_scheme_names() -> Vec<String> {
-    AUTHORS_LLAVA15_7B.iter().map(|(p, _)| format!("authors-llava15-7b-{p}")).collect()
+    SCHEMES
+        .iter()
+        .flat_map(|&(prefix, _, _, schemes)| schemes.iter().map(move |(p, _)| format!("{prefix}{p}")))
+        .collect()
+}
+
+/// The built-in schemes for one model family (what `--budget` without a recipe picks from).
+pub fn authors_schemes_for(family: ModelType) -> Vec<Recipe> {
+    SCHEMES
+        .iter()
+        .filter(|s| s.1 == family)
+        .flat_map(|&(prefix, _, _, schemes)| {
+            schemes.iter().filter_map(move |(p, _)| authors_scheme(&format!("{prefix}{p}")))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -258,11 +307,37 @@ mod tests {
     }
 
     #[test]
-    fn scaling_to_another_token_count_rounds_per_layer() {
+    fn scaling_to_another_token_count_floors_per_layer() {
         let r = recipe(vec![10, 3, 0, 7], 576);
         assert_eq!(r.deletions_for(576), vec![10, 3, 0, 7]);
         assert_eq!(r.deletions_for(1152), vec![20, 6, 0, 14]);
-        assert_eq!(r.deletions_for(144), vec![3, 1, 0, 2]);
+        // 144/576 = 1/4: 2.5 -> 2, 0.75 -> 0, 1.75 -> 1 (round-to-nearest gave 3, 1, 2).
+        assert_eq!(r.deletions_for(144), vec![2, 0, 0, 1]);
+        // A NeXT recipe fitted at 2,880 applied to a 2,340-token photo: floor(d * 2340 / 2880).
+        let r = recipe(vec![0, 1000, 577, 2880], 2880);
+        assert_eq!(r.deletions_for(2340), vec![0, 812, 468, 2340]);
+    }
+
+    #[test]
+    fn next_schemes_are_built_in_at_2880_tokens() {
+        let r = authors_scheme("authors-llava-next-7b-40").unwrap();
+        assert_eq!((r.visual_tokens, r.deletions.len(), r.deletions[2]), (2880, 32, 162));
+        let r60 = authors_scheme("authors-llava-next-7b-60").unwrap();
+        assert!(
+            r60.achieved_reduction > r.achieved_reduction && r.achieved_reduction > 0.3,
+            "{}",
+            r.achieved_reduction
+        );
+        assert!(authors_scheme("authors-llava-next-7b-50").is_none());
+        let names = authors_scheme_names();
+        assert!(
+            names.contains(&"authors-llava15-7b-90".to_string()) && names.contains(&"authors-llava-next-7b-60".into())
+        );
+        let next: Vec<String> = authors_schemes_for(ModelType::LlavaNext).into_iter().map(|r| r.name).collect();
+        assert_eq!(next, ["authors-llava-next-7b-40", "authors-llava-next-7b-60"]);
+        assert_eq!(authors_schemes_for(ModelType::Llava).len(), 10);
+        // The authors scale by int(d * n / 2880): a 2,340-token photo at layer 2 deletes 131.
+        assert_eq!(r.deletions_for(2340)[2], 131);
     }
 
     #[test]
@@ -308,13 +383,14 @@ mod tests {
     #[test]
     fn authors_schemes_are_valid_and_ordered() {
         let names = authors_scheme_names();
-        assert_eq!(names.len(), 10);
-        let mut last = 0.0;
-        for n in &names {
-            let r = authors_scheme(n).unwrap();
-            r.validate(32).unwrap();
-            assert!(r.achieved_reduction > last, "{n}: {}", r.achieved_reduction);
-            last = r.achieved_reduction;
+        assert_eq!(names.len(), 12);
+        for family in [ModelType::Llava, ModelType::LlavaNext] {
+            let mut last = 0.0;
+            for r in authors_schemes_for(family) {
+                r.validate(32).unwrap();
+                assert!(r.achieved_reduction > last, "{}: {}", r.name, r.achieved_reduction);
+                last = r.achieved_reduction;
+            }
         }
         assert!(authors_scheme("authors-llava15-7b-45").is_none());
         assert!(authors_scheme("nope").is_none());

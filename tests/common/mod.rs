@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use fitprune::model::config::FeatureSelect;
-use fitprune::model::demo::{write_demo_model, DemoOptions};
+use fitprune::model::demo::{write_demo_model, DemoBackbone, DemoFamily, DemoOptions};
 use fitprune::model::llava::LoadOptions;
 use fitprune::model::LlavaModel;
 use serde::Deserialize;
@@ -16,6 +16,41 @@ pub struct DemoSpec {
     pub seed: u64,
     pub kv_heads: Option<usize>,
     pub select_strategy: Option<String>,
+    /// `--backbone mistral` (NeXT fixtures).
+    pub backbone: Option<String>,
+    pub sliding_window: Option<usize>,
+}
+
+/// Writes (once per `root`) and loads the NeXT demo checkpoint `spec`, checking its weights.
+pub fn next_demo_model(root: &Path, spec: &DemoSpec, sha256: &str) -> (PathBuf, LlavaModel) {
+    let dir = root.join(format!("next-seed{}-{:?}-{:?}", spec.seed, spec.backbone, spec.sliding_window));
+    if !dir.exists() {
+        let opts = DemoOptions {
+            family: DemoFamily::Next,
+            backbone: match spec.backbone.as_deref() {
+                Some("mistral") => DemoBackbone::Mistral,
+                _ => DemoBackbone::Llama,
+            },
+            sliding_window: spec.sliding_window,
+            seed: spec.seed,
+            ..Default::default()
+        };
+        write_demo_model(&dir, &opts).unwrap();
+    }
+    check_weights(&dir, sha256);
+    let model = LlavaModel::load(&dir, LoadOptions::default()).unwrap();
+    (dir, model)
+}
+
+fn check_weights(dir: &Path, sha256: &str) {
+    let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let digest: String = Sha256::digest(&weights).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(digest, sha256, "demo-model output changed; regenerate fixtures with tests/reference/*.py");
+}
+
+/// tests/fixtures/parity_next.
+pub fn next_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity_next")
 }
 
 /// tests/fixtures/parity.
@@ -44,9 +79,7 @@ pub fn demo_model(root: &Path, spec: &DemoSpec, sha256: &str) -> (PathBuf, Llava
         };
         write_demo_model(&dir, &opts).unwrap();
     }
-    let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let digest: String = Sha256::digest(&weights).iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(digest, sha256, "demo-model output changed; regenerate fixtures with tests/reference/*.py");
+    check_weights(&dir, sha256);
     let model = LlavaModel::load(&dir, LoadOptions::default()).unwrap();
     (dir, model)
 }

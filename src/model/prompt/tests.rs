@@ -209,3 +209,14 @@ fn image_token_comes_from_processor_config() {
     let err = image_token_from_dir(dir.path()).unwrap_err().to_string();
     assert!(err.contains("processor_config.json") && err.contains("image_token"), "{err}");
 }
+
+#[test]
+fn each_image_expands_to_its_own_count() {
+    let prompt = "USER: <image>\n<image>\nCompare. <image> ASSISTANT:";
+    assert_eq!(
+        expand_image_tokens_each(prompt, "<image>", &[2, 1, 3]),
+        "USER: <image><image>\n<image>\nCompare. <image><image><image> ASSISTANT:"
+    );
+    assert_eq!(expand_image_tokens_each("a<image>b", "", &[4]), "a<image>b");
+    assert_eq!(expand_image_tokens_each("no images", "<image>", &[]), "no images");
+}
