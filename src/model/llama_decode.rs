@@ -32,13 +32,17 @@ impl Llama {
         let ids = Tensor::new(tokens, &device)?.unsqueeze(0)?;
         let mut x = self.embed(&ids)?;
         let (cos, sin) = self.rotary.tables(positions, x.dtype(), &device)?;
+        // RoPE tables per sequence, (B, 1, half): each sequence is its own batch entry below.
+        let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
+        let hidden_size = x.dim(2)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let normed = layer.input_layernorm.forward(&x)?;
-            // q: (1, heads, B, head_dim); k, v: (1, kv_heads, B, head_dim).
+            // The B rows as B one-row sequences, so each sequence's q/k/v is a contiguous slice:
+            // q (B, heads, 1, head_dim), k and v (B, kv_heads, 1, head_dim).
+            let normed = layer.input_layernorm.forward(&x)?.reshape((b, 1, hidden_size))?;
             let (q, k, v) = layer.self_attn.project(&normed, &cos, &sin)?;
             let mut outs = Vec::with_capacity(b);
             for (i, cache) in caches.iter_mut().enumerate() {
-                let own = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, i, 1)?.contiguous()?) };
+                let own = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(0, i, 1)?) };
                 let layer_cache = &mut cache.layers[l];
                 let (k, v) = layer_cache.append(own(&k)?, own(&v)?, &positions[i..i + 1])?;
                 // Every cached key sits at or before the new token's position, so only a sliding
