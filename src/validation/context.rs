@@ -50,8 +50,8 @@ pub fn check(
                 ErrorCode::ContextLengthExceeded,
                 format!(
                     "this {w}x{h} image takes {} tokens and brings the prompt to {} tokens ({} text and {before} \
-                     image tokens so far; {} tokens with {visual} image tokens in all), which reaches the \
-                     model's {max_context}-token context and leaves no room for an answer",
+                     image tokens so far; {} tokens with {visual} image tokens in all), past what the \
+                     model's {max_context}-token context holds with room for one generated token",
                     span.len(),
                     span.end,
                     span.end - before,
