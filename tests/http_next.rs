@@ -188,6 +188,8 @@ async fn next_calibration_on_mixed_sizes_records_the_mean_count_and_serves_it_sc
     let counts: Vec<usize> = sizes.iter().map(|&(w, h)| next_count(w, h)).collect();
     assert!(counts.windows(2).all(|c| c[0] != c[1]), "three different counts: {counts:?}");
     let mean = (counts.iter().sum::<usize>() + 1) / 3;
+    let nominal = LlavaModel::load(next_demo_dir(), Default::default()).unwrap().nominal_image_tokens();
+    assert_ne!(mean, nominal, "the mean must be told apart from the model's nominal count");
 
     let admin = |method: reqwest::Method, path: &str| {
         server.client.request(method, format!("{}{path}", server.base)).bearer_auth(TOKEN)
