@@ -154,12 +154,13 @@ async fn prepare(
     valid: &ValidRequest,
 ) -> Result<PreparedPrompt, ApiError> {
     let bytes = state.fetcher.fetch_all(&valid.images).await?;
-    let refs = valid.images.clone();
+    // Only the field paths travel to the blocking tasks: the refs hold data-URL bytes.
+    let params: Vec<String> = valid.images.iter().map(|r| r.param.clone()).collect();
     let limits = state.fetcher.limits().clone();
     let mut decoded_bytes = 0u64;
-    let mut sizes = Vec::with_capacity(refs.len());
-    for (b, r) in bytes.iter().zip(&refs) {
-        let header = images::inspect(b, &r.param, &limits)?;
+    let mut sizes = Vec::with_capacity(params.len());
+    for (b, param) in bytes.iter().zip(&params) {
+        let header = images::inspect(b, param, &limits)?;
         decoded_bytes += header.decoded_bytes;
         let (w, h) = header.upright_size();
         sizes.push((h, w));
@@ -168,16 +169,17 @@ async fn prepare(
     let model = loaded.model.clone();
     let max_context = loaded.info.max_context;
     let (max_tokens_param, max_tokens) = (valid.max_tokens_param, valid.params.max_tokens);
-    let check = move |shape: PromptShape<'_>, refs: &[images::ImageRef]| {
-        context::check(shape, refs, max_context, max_tokens_param, max_tokens)
+    let parts: Vec<String> = valid.images.iter().map(|r| r.part().to_string()).collect();
+    let check = move |shape: PromptShape<'_>, parts: &[String]| {
+        context::check(shape, parts, max_context, max_tokens_param, max_tokens)
     };
     let tokenized = {
-        let (model, messages, refs) = (model.clone(), messages.clone(), refs.clone());
+        let (model, messages, parts) = (model.clone(), messages.clone(), parts.clone());
         tokio::task::spawn_blocking(move || -> Result<TokenizedPrompt, ApiError> {
             let t = model.tokenize(&messages, &sizes)?;
             let shape =
                 PromptShape { tokens: t.input_ids.len(), image_spans: &t.image_spans, image_sizes: &t.image_sizes };
-            check(shape, &refs)?;
+            check(shape, &parts)?;
             Ok(t)
         })
         .await
@@ -188,8 +190,8 @@ async fn prepare(
         let _permit = permit;
         let decoded = bytes
             .iter()
-            .zip(&refs)
-            .map(|(b, r)| images::decode(b, &r.param, &limits))
+            .zip(&params)
+            .map(|(b, param)| images::decode(b, param, &limits))
             .collect::<Result<Vec<_>, _>>()?;
         let decoded_sizes: Vec<(u32, u32)> = decoded.iter().map(|i| (i.height(), i.width())).collect();
         if decoded_sizes == tokenized.image_sizes {
@@ -202,7 +204,7 @@ async fn prepare(
             image_spans: &prompt.image_spans,
             image_sizes: &prompt.image_sizes,
         };
-        check(shape, &refs)?;
+        check(shape, &parts)?;
         Ok(prompt)
     })
     .await

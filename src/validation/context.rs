@@ -7,7 +7,7 @@
 
 use std::ops::Range;
 
-use super::{ImageRef, ValidationError};
+use super::ValidationError;
 use crate::protocol::ErrorCode;
 
 /// The lengths the check needs, from a tokenized or a prepared prompt.
@@ -24,12 +24,12 @@ pub struct PromptShape<'a> {
 /// Refuses a prompt that leaves no room in `max_context` for a generated token, and a client's
 /// `max_tokens` (named by `max_tokens_param`) larger than the room it leaves.
 ///
-/// `images` are the request's image parts in prompt order; when the prompt is too long and an
-/// image's span is where the running total reaches the context, the error names that image's
-/// part (`messages[i].content[j]`), otherwise `messages`.
+/// `image_parts` name the request's image parts in prompt order (`messages[i].content[j]`,
+/// [`super::ImageRef::part`]); when the prompt is too long and an image's span is where the
+/// running total reaches the context, the error names that image's part, otherwise `messages`.
 pub fn check(
     prompt: PromptShape<'_>,
-    images: &[ImageRef],
+    image_parts: &[String],
     max_context: usize,
     max_tokens_param: Option<&str>,
     max_tokens: usize,
@@ -41,12 +41,12 @@ pub fn check(
             let span = &prompt.image_spans[i];
             span.start < max_context
         });
-        if let (Some(i), true) = (crossing, images.len() == prompt.image_spans.len()) {
+        if let (Some(i), true) = (crossing, image_parts.len() == prompt.image_spans.len()) {
             let span = &prompt.image_spans[i];
             let before: usize = prompt.image_spans[..=i].iter().map(|s| s.len()).sum();
             let (h, w) = prompt.image_sizes.get(i).copied().unwrap_or_default();
             return Err(ValidationError::invalid(
-                images[i].part(),
+                image_parts[i].as_str(),
                 ErrorCode::ContextLengthExceeded,
                 format!(
                     "this {w}x{h} image takes {} tokens and brings the prompt to {} tokens ({} text and {before} \
@@ -88,10 +88,11 @@ pub fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::validation::images::ImageSource;
+    use crate::validation::images::{ImageRef, ImageSource};
 
-    fn image(part: &str) -> ImageRef {
-        ImageRef { param: format!("{part}.image_url.url"), source: ImageSource::Data(Vec::new()) }
+    fn image(part: &str) -> String {
+        let r = ImageRef { param: format!("{part}.image_url.url"), source: ImageSource::Data(Vec::new()) };
+        r.part().to_string()
     }
 
     fn param(e: ValidationError) -> (String, String) {
