@@ -88,9 +88,10 @@ pub async fn start(cfg: &ServerConfig) -> anyhow::Result<(AppState, JoinHandle<(
 pub async fn run(cfg: ServerConfig) -> anyhow::Result<()> {
     let (state, worker, recipes) = start(&cfg).await?;
     let listener = TcpListener::bind(cfg.addr).await.with_context(|| format!("binding {}", cfg.addr))?;
+    let shutdown = shutdown_signal();
     info!(addr = %listener.local_addr()?, model = %cfg.served_model_name, "listening");
     tokio::spawn(log_recipes_when_loaded(state.engine.clone(), recipes));
-    serve(listener, state, worker, shutdown_signal(), cfg.shutdown_timeout).await
+    serve(listener, state, worker, shutdown, cfg.shutdown_timeout).await
 }
 
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish for
@@ -165,30 +166,46 @@ async fn log_recipes_when_loaded(engine: Engine, recipes: Arc<FileRecipes>) {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Installs the SIGINT and SIGTERM handlers now and returns a future that resolves on either.
+/// They must be in place before the server logs "listening": a handler registered only when
+/// the future is first polled leaves a window in which a supervisor's SIGTERM, sent as soon as
+/// the server is up, kills the process without closing the database.
+fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listen = |kind: SignalKind, name: &'static str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, signal = name, "cannot listen for the signal");
+                None
+            }
+        };
+        let mut int = listen(SignalKind::interrupt(), "SIGINT");
+        let mut term = listen(SignalKind::terminate(), "SIGTERM");
+        async move {
+            tokio::select! {
+                _ = recv(int.as_mut()) => {},
+                _ = recv(term.as_mut()) => {},
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if let Err(e) = tokio::signal::ctrl_c().await {
-            warn!(error = %e, "cannot listen for SIGINT");
+            warn!(error = %e, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+    }
+}
+
+/// The next delivery of `signal`; never, without one.
+#[cfg(unix)]
+async fn recv(signal: Option<&mut tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+        None => std::future::pending::<()>().await,
     }
 }

@@ -5,6 +5,7 @@
 //! Images are checked in two stages: here (count, data-URL size and syntax, URL scheme) and in
 //! [`images`] (fetching, header-first pixel check, decoding).
 
+pub mod context;
 pub mod data_root;
 pub mod decode;
 pub mod images;

@@ -11,10 +11,6 @@ use fitprune::engine::{FaultInjector, Phase};
 use http_common::*;
 use serde_json::{json, Value};
 
-fn post(server: &TestServer, body: &Value, id: &str) -> reqwest::RequestBuilder {
-    server.client.post(format!("{}/v1/chat/completions", server.base)).header("x-request-id", id).json(body)
-}
-
 /// Pruned, unpruned and differently pruned requests of different prompt and answer lengths.
 fn mixed_requests() -> Vec<Value> {
     let greedy = |messages: Value, pruning: Value, max_tokens: usize| {
@@ -27,53 +23,6 @@ fn mixed_requests() -> Vec<Value> {
         greedy(user_with_images("Compare.", &[&data_url(&png(40, 24)), &data_url(&png(24, 40))]), json!("off"), 5),
         greedy(user_with_images("And this?", &[&data_url(&png(50, 30))]), json!({"recipe_id": "r30"}), 7),
     ]
-}
-
-/// What must not change between batched and alone: text, finish reason, pruning, usage, and the
-/// token logprobs (compared to 1e-4 separately).
-fn answers(bodies: &[Value]) -> Vec<(Value, Value, Value, Value)> {
-    bodies
-        .iter()
-        .map(|b| {
-            let c = &b["choices"][0];
-            (c["message"].clone(), c["finish_reason"].clone(), b["pruning"].clone(), b["usage"].clone())
-        })
-        .collect()
-}
-
-fn logprobs(body: &Value) -> Vec<(String, f64)> {
-    body["choices"][0]["logprobs"]["content"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| (t["token"].as_str().unwrap().to_string(), t["logprob"].as_f64().unwrap()))
-        .collect()
-}
-
-/// Sends every request while the engine is held, then lets it run: they are admitted together.
-async fn run_together(server: &TestServer, stepper: &Stepper, requests: &[Value], ids: &[&str]) -> Vec<(u16, Value)> {
-    let pending: Vec<_> = requests.iter().zip(ids).map(|(r, id)| tokio::spawn(post(server, r, id).send())).collect();
-    eventually("all requests waiting", || server.state.engine.waiting() == requests.len()).await;
-    stepper.run_freely();
-    let mut out = Vec::new();
-    for p in pending {
-        let resp = p.await.unwrap().unwrap();
-        let status = resp.status().as_u16();
-        out.push((status, resp.json().await.unwrap()));
-    }
-    out
-}
-
-fn assert_same_answers(batched: &[Value], alone: &[Value]) {
-    assert_eq!(answers(batched), answers(alone));
-    for (i, (b, a)) in batched.iter().zip(alone).enumerate() {
-        let (lb, la) = (logprobs(b), logprobs(a));
-        assert_eq!(lb.len(), la.len(), "request {i}");
-        for ((tb, pb), (ta, pa)) in lb.into_iter().zip(la) {
-            assert_eq!(tb, ta, "request {i}");
-            assert!((pb - pa).abs() <= 1e-4, "request {i}: {pb} vs {pa}");
-        }
-    }
 }
 
 const IDS: [&str; 4] = ["a", "b", "c", "d"];

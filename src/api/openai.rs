@@ -12,12 +12,13 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use crate::engine::recipes::{self, Selected};
 use crate::engine::sequence::{FinishReason, GeneratedToken};
 use crate::engine::{ChatJob, Event, FinishReport, LoadedModel, PrefillReport};
-use crate::model::PreparedPrompt;
+use crate::model::{PreparedPrompt, TokenizedPrompt};
 use crate::protocol::chat::{
     AssistantMessage, ChatCompletion, ChatRequest, Choice, ChoiceLogprobs, PruningInfo, TokenLogprob, TopLogprob, Usage,
 };
 use crate::protocol::models::{ModelCard, ModelList};
 use crate::pruning::Recipe;
+use crate::validation::context::{self, PromptShape};
 use crate::validation::{images, LogprobOptions, ValidRequest};
 
 use super::error::ApiError;
@@ -142,64 +143,72 @@ pub async fn chat_completions(
     Ok(resp)
 }
 
-/// Fetches the images, reserves their decoded size from the server-wide budget (waiting while
-/// other requests hold it), then decodes them and renders and tokenizes the prompt off the
-/// async workers. The reservation ends when the decoded images are dropped, with the prompt's
-/// pixel tensor built.
+/// Fetches the images and reads their headers; tokenizes the prompt for the images' sizes and
+/// checks it against the context (so a prompt whose images do not fit is refused before any
+/// pixel is decoded); reserves the images' decoded size from the server-wide budget (waiting
+/// while other requests hold it); then decodes them and adds the pixels, off the async workers.
+/// The reservation ends when the decoded images are dropped, with the prompt's pixel tensor built.
 async fn prepare(
     state: &AppState,
     loaded: &Arc<LoadedModel>,
     valid: &ValidRequest,
 ) -> Result<PreparedPrompt, ApiError> {
     let bytes = state.fetcher.fetch_all(&valid.images).await?;
-    let refs = valid.images.clone();
+    // Only the field paths travel to the blocking tasks: the refs hold data-URL bytes.
+    let params: Vec<String> = valid.images.iter().map(|r| r.param.clone()).collect();
     let limits = state.fetcher.limits().clone();
     let mut decoded_bytes = 0u64;
-    for (b, r) in bytes.iter().zip(&refs) {
-        decoded_bytes += images::inspect(b, &r.param, &limits)?.decoded_bytes;
+    let mut sizes = Vec::with_capacity(params.len());
+    for (b, param) in bytes.iter().zip(&params) {
+        let header = images::inspect(b, param, &limits)?;
+        decoded_bytes += header.decoded_bytes;
+        let (w, h) = header.upright_size();
+        sizes.push((h, w));
     }
-    let permit = state.fetcher.decode_budget().reserve(decoded_bytes).await;
     let messages = valid.messages.clone();
     let model = loaded.model.clone();
     let max_context = loaded.info.max_context;
-    let prompt = tokio::task::spawn_blocking(move || -> Result<PreparedPrompt, ApiError> {
+    let (max_tokens_param, max_tokens) = (valid.max_tokens_param, valid.params.max_tokens);
+    let parts: Vec<String> = valid.images.iter().map(|r| r.part().to_string()).collect();
+    let check = move |shape: PromptShape<'_>, parts: &[String]| {
+        context::check(shape, parts, max_context, max_tokens_param, max_tokens)
+    };
+    let tokenized = {
+        let (model, messages, parts) = (model.clone(), messages.clone(), parts.clone());
+        tokio::task::spawn_blocking(move || -> Result<TokenizedPrompt, ApiError> {
+            let t = model.tokenize(&messages, &sizes)?;
+            let shape =
+                PromptShape { tokens: t.input_ids.len(), image_spans: &t.image_spans, image_sizes: &t.image_sizes };
+            check(shape, &parts)?;
+            Ok(t)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("prompt tokenization panicked: {e}")))??
+    };
+    let permit = state.fetcher.decode_budget().reserve(decoded_bytes).await;
+    tokio::task::spawn_blocking(move || -> Result<PreparedPrompt, ApiError> {
         let _permit = permit;
         let decoded = bytes
             .iter()
-            .zip(&refs)
-            .map(|(b, r)| images::decode(b, &r.param, &limits))
+            .zip(&params)
+            .map(|(b, param)| images::decode(b, param, &limits))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(model.prepare(&messages, &decoded)?)
+        let decoded_sizes: Vec<(u32, u32)> = decoded.iter().map(|i| (i.height(), i.width())).collect();
+        if decoded_sizes == tokenized.image_sizes {
+            return Ok(model.prepare_tokenized(tokenized, &decoded)?);
+        }
+        // A decoder disagreeing with its header: count again from the pixels and check again.
+        let prompt = model.prepare(&messages, &decoded)?;
+        let shape = PromptShape {
+            tokens: prompt.input_ids.len(),
+            image_spans: &prompt.image_spans,
+            image_sizes: &prompt.image_sizes,
+        };
+        check(shape, &parts)?;
+        Ok(prompt)
     })
     .await
-    .map_err(|e| ApiError::Internal(format!("prompt preparation panicked: {e}")))??;
-    if prompt.input_ids.len() >= max_context {
-        return Err(ApiError::bad_request(
-            Some("messages"),
-            ErrorCode::ContextLengthExceeded,
-            format!(
-                "the prompt is {} tokens ({} of them image tokens); the model's context is {max_context}",
-                prompt.input_ids.len(),
-                prompt.visual_tokens()
-            ),
-        ));
-    }
-    if let Some(param) = valid.max_tokens_param {
-        let left = max_context - prompt.input_ids.len();
-        if valid.params.max_tokens > left {
-            return Err(ApiError::bad_request(
-                Some(param),
-                ErrorCode::ContextLengthExceeded,
-                format!(
-                    "{param} is {} but the prompt is {} tokens of the model's {max_context}-token context, \
-                     which leaves {left}",
-                    valid.params.max_tokens,
-                    prompt.input_ids.len()
-                ),
-            ));
-        }
-    }
-    Ok(prompt)
+    .map_err(|e| ApiError::Internal(format!("prompt preparation panicked: {e}")))?
 }
 
 /// Gathers a whole completion.

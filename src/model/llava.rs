@@ -59,6 +59,19 @@ pub struct PreparedPrompt {
     pub image_sizes: Vec<(u32, u32)>,
 }
 
+/// A prompt's tokens before its images are decoded ([`LlavaModel::tokenize`]).
+#[derive(Debug, Clone)]
+pub struct TokenizedPrompt {
+    /// The rendered chat template before image-token expansion.
+    pub text: String,
+    /// Token ids, image placeholders expanded.
+    pub input_ids: Vec<u32>,
+    /// Token ranges of each image's features, in order.
+    pub image_spans: Vec<Range<usize>>,
+    /// (height, width) of each image the prompt was counted for.
+    pub image_sizes: Vec<(u32, u32)>,
+}
+
 impl PreparedPrompt {
     /// Number of visual tokens over all images.
     pub fn visual_tokens(&self) -> usize {
@@ -242,19 +255,44 @@ impl LlavaModel {
 
     /// Like [`Self::prepare`] for an already rendered prompt containing image placeholders.
     pub fn prepare_rendered(&self, text: String, images: &[DynamicImage]) -> Result<PreparedPrompt> {
+        let sizes: Vec<(u32, u32)> = images.iter().map(|i| (i.height(), i.width())).collect();
+        let tokenized = self.tokenize_rendered(text, &sizes)?;
+        self.prepare_tokenized(tokenized, images)
+    }
+
+    /// The prompt's tokens for images of the given (height, width), without their pixels: what
+    /// a server needs to check the prompt against the context before decoding any image.
+    pub fn tokenize(&self, messages: &[ChatMessage], image_sizes: &[(u32, u32)]) -> Result<TokenizedPrompt> {
+        let text = self.template.render(messages, true)?;
+        self.tokenize_rendered(text, image_sizes)
+    }
+
+    fn tokenize_rendered(&self, text: String, image_sizes: &[(u32, u32)]) -> Result<TokenizedPrompt> {
         let placeholders = text.matches(self.image_token.as_str()).count();
-        if placeholders != images.len() {
+        if placeholders != image_sizes.len() {
             return Err(ModelError::InvalidInput(format!(
                 "the prompt has {placeholders} image placeholders but {} images were given",
-                images.len()
+                image_sizes.len()
             )));
         }
-        let image_sizes: Vec<(u32, u32)> = images.iter().map(|i| (i.height(), i.width())).collect();
         let counts = image_sizes.iter().map(|&(h, w)| self.image_token_count(w, h)).collect::<Result<Vec<usize>>>()?;
         let expanded = expand_image_tokens_each(&text, &self.image_token, &counts);
         let encoding = self.tokenizer.encode(expanded, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         let input_ids = encoding.get_ids().to_vec();
         let image_spans = image_spans(&input_ids, self.config.image_token_index, &counts)?;
+        Ok(TokenizedPrompt { text, input_ids, image_spans, image_sizes: image_sizes.to_vec() })
+    }
+
+    /// Adds the pixels to a prompt [`Self::tokenize`]d for these images' sizes.
+    pub fn prepare_tokenized(&self, prompt: TokenizedPrompt, images: &[DynamicImage]) -> Result<PreparedPrompt> {
+        let sizes: Vec<(u32, u32)> = images.iter().map(|i| (i.height(), i.width())).collect();
+        if sizes != prompt.image_sizes {
+            return Err(ModelError::InvalidInput(format!(
+                "the prompt was tokenized for images of (height, width) {:?}, but the images are {sizes:?}",
+                prompt.image_sizes
+            )));
+        }
+        let TokenizedPrompt { text, input_ids, image_spans, image_sizes } = prompt;
         let pixel_values = self.pixel_values(images)?;
         Ok(PreparedPrompt { text, input_ids, pixel_values, image_spans, image_sizes })
     }

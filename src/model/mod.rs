@@ -22,7 +22,7 @@ pub mod weights;
 
 use std::path::PathBuf;
 
-pub use llava::{LlavaModel, PreparedPrompt};
+pub use llava::{LlavaModel, PreparedPrompt, TokenizedPrompt};
 
 /// Everything that can go wrong while loading or running a model.
 #[derive(Debug, thiserror::Error)]

@@ -15,6 +15,7 @@
 use std::io::Cursor;
 use std::sync::Arc;
 
+use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -32,6 +33,22 @@ pub struct Header {
     pub height: u32,
     /// Bytes the decoded pixels take (width × height × bytes per pixel of the stored colour type).
     pub decoded_bytes: u64,
+    /// The EXIF orientation [`decode`] will apply.
+    pub orientation: Orientation,
+}
+
+impl Header {
+    /// (width, height) of the image as [`decode`] returns it: a quarter turn in the EXIF
+    /// orientation swaps the stored sides, and NeXT's token count depends on which is which.
+    pub fn upright_size(&self) -> (u32, u32) {
+        match self.orientation {
+            Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH => (self.height, self.width),
+            _ => (self.width, self.height),
+        }
+    }
 }
 
 /// Reads the header of `bytes`: format, size and decoded size, checking the pixel limit.
@@ -50,9 +67,11 @@ pub fn inspect(bytes: &[u8], param: &str, limits: &ImageLimits) -> Result<Header
         }
         None => return Err(invalid(ErrorCode::InvalidImage, "not a recognised image (PNG, JPEG, WebP or GIF)".into())),
     };
-    let decoder =
+    let mut decoder =
         reader.into_decoder().map_err(|e| invalid(ErrorCode::InvalidImage, format!("unreadable image header: {e}")))?;
     let (w, h) = decoder.dimensions();
+    // An unreadable EXIF block is treated as "no orientation", as PIL does.
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let pixels = u64::from(w) * u64::from(h);
     if pixels > limits.max_pixels {
         return Err(invalid(
@@ -72,7 +91,7 @@ pub fn inspect(bytes: &[u8], param: &str, limits: &ImageLimits) -> Result<Header
         ));
     }
     let per_pixel = u64::from(decoder.color_type().bytes_per_pixel());
-    Ok(Header { format, width: w, height: h, decoded_bytes: pixels * per_pixel })
+    Ok(Header { format, width: w, height: h, decoded_bytes: pixels * per_pixel, orientation })
 }
 
 /// Decodes an image after [`inspect`]ing it: complete data only, EXIF orientation applied.
@@ -95,11 +114,9 @@ pub fn decode(bytes: &[u8], param: &str, limits: &ImageLimits) -> Result<Dynamic
     // RGBA16 of the declared canvas, plus decoder scratch.
     decode_limits.max_alloc = Some(u64::from(header.width) * u64::from(header.height) * 8 + (64 << 20));
     reader.limits(decode_limits);
-    let mut decoder = reader.into_decoder().map_err(|e| corrupt(e.to_string()))?;
-    // An unreadable EXIF block is treated as "no orientation", as PIL does.
-    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let decoder = reader.into_decoder().map_err(|e| corrupt(e.to_string()))?;
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| corrupt(e.to_string()))?;
-    image.apply_orientation(orientation);
+    image.apply_orientation(header.orientation);
     Ok(image)
 }
 
@@ -248,6 +265,9 @@ mod tests {
         // 6 = "rotate 90 CW to view": the decoded image is upright, so 20 wide and 40 high.
         let rotated = decode(&with_orientation(&jpeg, 6), "p", &limits).unwrap();
         assert_eq!((rotated.width(), rotated.height()), (20, 40));
+        // The header alone already gives the upright size (the context check counts tokens from it).
+        assert_eq!(inspect(&with_orientation(&jpeg, 6), "p", &limits).unwrap().upright_size(), (20, 40));
+        assert_eq!(inspect(&with_orientation(&jpeg, 3), "p", &limits).unwrap().upright_size(), (40, 20));
         assert_eq!(rotated.to_rgb8(), plain.rotate90().to_rgb8());
         // 1 = as stored.
         assert_eq!(decode(&with_orientation(&jpeg, 1), "p", &limits).unwrap().to_rgb8(), plain.to_rgb8());

@@ -67,6 +67,14 @@ pub struct ImageRef {
     pub source: ImageSource,
 }
 
+impl ImageRef {
+    /// The content part the image is (`messages[i].content[j]`), for errors about the image as a
+    /// whole rather than its URL.
+    pub fn part(&self) -> &str {
+        self.param.strip_suffix(".image_url.url").unwrap_or(&self.param)
+    }
+}
+
 /// Inline bytes or a URL to fetch.
 #[derive(Debug, Clone)]
 pub enum ImageSource {

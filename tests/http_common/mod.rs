@@ -46,7 +46,25 @@ pub struct TestServer {
 
 /// `fitprune serve` flags every test server gets (plus `extra`).
 pub fn args(extra: &[&str]) -> ServeArgs {
-    let dir = demo_dir().to_str().unwrap().to_string();
+    args_for(demo_dir(), extra)
+}
+
+/// The tiny LLaVA-NeXT demo checkpoint, written once per test binary.
+pub fn next_demo_dir() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("next");
+        let opts = DemoOptions { family: fitprune::model::demo::DemoFamily::Next, ..Default::default() };
+        write_demo_model(&dir, &opts).unwrap();
+        (tmp, dir)
+    })
+    .1
+}
+
+/// [`args`] for the model in `dir` (still served as `demo`).
+pub fn args_for(dir: &Path, extra: &[&str]) -> ServeArgs {
+    let dir = dir.to_str().unwrap().to_string();
     let mut argv = vec!["serve".to_string(), "--model".into(), dir, "--served-model-name".into(), "demo".into()];
     argv.extend(extra.iter().map(|s| s.to_string()));
     if !extra.contains(&"--database-url") {
@@ -259,8 +277,13 @@ pub struct StepperState {
 impl Stepper {
     /// A server whose engine rounds are gated by the returned stepper (initially `permits`).
     pub async fn server(extra: &[&str], permits: Option<usize>) -> (TestServer, Arc<Stepper>) {
+        Self::server_for(demo_dir(), extra, permits).await
+    }
+
+    /// [`Self::server`] for the model in `dir`.
+    pub async fn server_for(dir: &Path, extra: &[&str], permits: Option<usize>) -> (TestServer, Arc<Stepper>) {
         let stepper = Stepper::new(permits);
-        let mut cfg = args(extra).validate().unwrap();
+        let mut cfg = args_for(dir, extra).validate().unwrap();
         cfg.engine.round_hook = Some(stepper.hook());
         (start_with(cfg).await, stepper)
     }
@@ -304,5 +327,64 @@ impl Stepper {
     pub fn blocked(&self) -> bool {
         let s = self.state.lock().unwrap();
         s.blocked && s.permits == Some(0)
+    }
+}
+
+/// A chat request tagged with `x-request-id: id`.
+pub fn post(server: &TestServer, body: &Value, id: &str) -> reqwest::RequestBuilder {
+    server.client.post(format!("{}/v1/chat/completions", server.base)).header("x-request-id", id).json(body)
+}
+
+/// Sends every request while the engine is held, then lets it run: they are admitted together.
+pub async fn run_together(
+    server: &TestServer,
+    stepper: &Stepper,
+    requests: &[Value],
+    ids: &[&str],
+) -> Vec<(u16, Value)> {
+    let pending: Vec<_> = requests.iter().zip(ids).map(|(r, id)| tokio::spawn(post(server, r, id).send())).collect();
+    eventually("all requests waiting", || server.state.engine.waiting() == requests.len()).await;
+    stepper.run_freely();
+    let mut out = Vec::new();
+    for p in pending {
+        let resp = p.await.unwrap().unwrap();
+        let status = resp.status().as_u16();
+        out.push((status, resp.json().await.unwrap()));
+    }
+    out
+}
+
+/// What must not change between batched and alone: text, finish reason, pruning, usage, and the
+/// token logprobs (compared to 1e-4 separately).
+fn answers(bodies: &[Value]) -> Vec<(Value, Value, Value, Value)> {
+    bodies
+        .iter()
+        .map(|b| {
+            let c = &b["choices"][0];
+            (c["message"].clone(), c["finish_reason"].clone(), b["pruning"].clone(), b["usage"].clone())
+        })
+        .collect()
+}
+
+/// The (token, logprob) pairs of a completion's logprobs.
+pub fn token_logprobs(body: &Value) -> Vec<(String, f64)> {
+    body["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["token"].as_str().unwrap().to_string(), t["logprob"].as_f64().unwrap()))
+        .collect()
+}
+
+/// The same answers, pruning reports and usage, and logprobs within 1e-4.
+pub fn assert_same_answers(batched: &[Value], alone: &[Value]) {
+    assert_eq!(answers(batched), answers(alone));
+    for (i, (b, a)) in batched.iter().zip(alone).enumerate() {
+        let (lb, la) = (token_logprobs(b), token_logprobs(a));
+        assert_eq!(lb.len(), la.len(), "request {i}");
+        for ((tb, pb), (ta, pa)) in lb.into_iter().zip(la) {
+            assert_eq!(tb, ta, "request {i}");
+            assert!((pb - pa).abs() <= 1e-4, "request {i}: {pb} vs {pa}");
+        }
     }
 }
