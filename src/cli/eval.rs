@@ -196,7 +196,8 @@ pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
         std::fs::write(path, report::csv(&report)).with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.plot {
-        let title = format!("{} — {} samples", src.name, report.samples);
+        let name = if args.demo { "trained demo LLaVA, shapes VQA" } else { src.name.as_str() };
+        let title = format!("{name}: {} samples", report.samples);
         report::plot(&report, path, &title)?;
         eprintln!("plot written to {}", path.display());
     }
