@@ -164,7 +164,7 @@ def main():
     ap.add_argument("out", help="fixture root: writes OUT/model/ (and OUT/calib/ with --calib)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--train", type=int, default=6000, help="training images (one question each)")
-    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-4,
                     help="peak of the one-cycle schedule (3e-3 stalls at the answer prior)")
