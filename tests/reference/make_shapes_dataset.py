@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
 """Synthetic shapes-VQA for the trained demo model (issue 13): coloured shapes on a plain background.
 
-Each image (96x96 PNG, the tiny preset's input size) holds 1-4 non-overlapping shapes, one per 16-px cell; each shape is
-one of circle/square/triangle in one of red/green/blue/yellow. Three question kinds, in the LLaVA eval
+Each image (96x96 PNG, the tiny preset's input size) holds 1-4 non-overlapping shapes, one per
+16-px cell; each shape is one of circle/square/triangle in one of red/green/blue/yellow. Three question kinds, in the LLaVA eval
 JSONL format `{"question_id", "image", "text", "answer"}`:
 
-- existence (POPE style): "Is there a red circle in the image?" -> "yes" / "no" (balanced; the "no"
+- existence (POPE style): "Is there a red circle in the image?" -> "yes" / "no" (each with probability 1/2; the "no"
   cases ask about a shape/colour pair absent from the image, half of them with the shape or the colour
   present elsewhere, so colour or shape alone does not answer it);
 - colour: "What colour is the square? Answer with one word." (asked only when exactly one square);
-- count: "How many triangles are there? Answer with a number." -> "0".."3".
+- count: "How many triangles are there? Answer with a number." -> "0".."4".
 
 Seeded (numpy Generator + PIL, no other randomness), so the same arguments give the same files.
+`train_demo.py` draws its training split in memory with the same functions (seed 7); the committed
+held-out split is the second command below.
 
     python tests/reference/make_shapes_dataset.py OUT_DIR --split train --count 3000 --seed 1
     python tests/reference/make_shapes_dataset.py tests/fixtures/trained-demo/eval --split eval --count 150 --seed 2

@@ -3,8 +3,8 @@
 
 Starts from a `fitprune demo-model` tiny checkpoint (random weights, llava-hf layout) with one change:
 16-px patches instead of 8 (36 visual tokens instead of 144; the patch and position embeddings are
-re-initialised, seeded), which makes each CPU step about 3x cheaper and lets a few minutes of
-training learn the task. It trains `LlavaForConditionalGeneration` end to end on CPU with the loss
+re-initialised, seeded), which makes each CPU step about 3x cheaper (2400 steps took 18 minutes of
+wall time on one thread of a busy 2-core machine; the committed run reached 92% held-out accuracy). It trains `LlavaForConditionalGeneration` end to end on CPU with the loss
 on the answer tokens (and the `</s>` that ends them) only, and saves the result in the same layout:
 `model.safetensors` plus the demo's config (patch size and `image_seq_length` updated), tokenizer,
 chat template and processor files, which the Rust loader reads unchanged.
