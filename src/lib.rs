@@ -4,6 +4,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod eval;
 pub mod jobs;
 pub mod metrics;
 pub mod model;

@@ -4,6 +4,7 @@ mod bench;
 mod bench_serve;
 mod calibrate;
 mod demo;
+pub mod eval;
 mod generate;
 mod input;
 mod recipes;
@@ -31,6 +32,8 @@ enum Command {
     Calibrate(calibrate::CalibrateArgs),
     /// Measure pruned vs unpruned prefill, TTFT and decode speed side by side.
     Bench(bench::BenchArgs),
+    /// Measure accuracy and fidelity against FLOPs budgets: FitPrune vs random vs FastV deletion.
+    Eval(eval::EvalArgs),
     /// Manage stored recipes: list, show, import, export, delete.
     Recipes(recipes::RecipesArgs),
     /// Serve the OpenAI-compatible HTTP API (chat completions with images, metrics).
@@ -53,6 +56,7 @@ impl Cli {
             Command::Generate(args) => generate::run(args),
             Command::Calibrate(args) => calibrate::run(args),
             Command::Bench(args) => bench::run(args),
+            Command::Eval(args) => eval::run(args),
             Command::Recipes(args) => recipes::run(args),
             Command::Serve(args) => serve::run(args),
         }
