@@ -56,9 +56,6 @@ pub fn run(
     if max_c == 0 {
         bail!("--concurrency values must be positive");
     }
-    let model = LlavaModel::load(dir, options.clone())?;
-    let prompts: Vec<PreparedPrompt> =
-        (0..max_c).map(|i| prompt_for(&model, 200 + i)).collect::<anyhow::Result<_>>()?;
     let dir_owned = dir.to_path_buf();
     let loader = Box::new(move || {
         let m = LlavaModel::load(&dir_owned, options)?;
@@ -74,6 +71,10 @@ pub fn run(
     };
     let (engine, worker) = Engine::start(loader, config, Metrics::new()?)?;
     let loaded = wait_ready(&engine)?;
+    // One copy of the weights: the engine's, also used (read-only) to prepare the prompts and,
+    // once the engine has stopped, for the pass-by-pass comparison.
+    let model = &loaded.model;
+    let prompts: Vec<PreparedPrompt> = (0..max_c).map(|i| prompt_for(model, 200 + i)).collect::<anyhow::Result<_>>()?;
     println!(
         "concurrency: {} requests of {:?} prompt tokens, up to {} tokens each, batched decode",
         max_c,
@@ -111,7 +112,7 @@ pub fn run(
     admission_table(&loaded, bench, &prompts[0]);
     engine.shutdown();
     worker.join().map_err(|_| anyhow!("engine thread panicked"))?;
-    pass_table(&model, bench, &prompts)?;
+    pass_table(model, bench, &prompts)?;
     Ok(())
 }
 

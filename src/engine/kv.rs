@@ -39,10 +39,7 @@ impl KvLayout {
             let gone = visual - left;
             tokens += (prompt_tokens - gone + growth) as u64;
             saved += gone as u64;
-            let d = deletions.and_then(|d| d.get(l)).copied().unwrap_or(0);
-            if d > 0 && left > 0 {
-                left -= d.min(left);
-            }
+            left -= deletions.and_then(|d| d.get(l)).copied().unwrap_or(0).min(left);
         }
         KvDemand { bytes: tokens * self.bytes_per_token, tokens_saved: saved }
     }

@@ -12,21 +12,36 @@ use crate::model::llama::{DecoderHook, NoHook};
 use crate::model::{LlavaModel, ModelError};
 use crate::pruning::PruneHook;
 
+use super::kv::KvDemand;
 use super::loaded::ModelInfo;
 use super::queue::{EngineError, Event, FinishReport, PrefillReport, Queued};
-use super::sequence::{FinishReason, Sequence, SequenceStart};
+use super::sequence::{decode_growth_for, FinishReason, Sequence, SequenceStart};
 
 /// The log span of one request.
 pub(super) fn request_span(q: &Queued) -> Span {
     info_span!("request", request_id = %q.job.request_id)
 }
 
-/// The pruning hook a request's recipe asks for (none without a recipe or visual tokens).
-fn prune_hook(q: &Queued) -> Option<PruneHook> {
-    let visual = q.job.prompt.visual_tokens();
-    match &q.job.recipe {
-        Some(r) if visual > 0 => Some(PruneHook::new(r.deletions_for(visual), &q.job.prompt)),
-        _ => None,
+/// A request admitted to the scheduler but not started yet, with what admission derived from it.
+pub(super) struct Waiting {
+    pub(super) queued: Queued,
+    /// Its KV memory, as charged to the scheduler.
+    pub(super) demand: KvDemand,
+    /// Per-layer deletions of its recipe scaled to its visual tokens (`None` = unpruned): the
+    /// same counts the demand was computed from, so the caches hold what was charged.
+    pub(super) deletions: Option<Vec<usize>>,
+}
+
+impl Waiting {
+    /// Derives the request's deletions and KV demand for a decoder with these facts.
+    pub(super) fn new(queued: Queued, info: &ModelInfo) -> Self {
+        let job = &queued.job;
+        let prompt_tokens = job.prompt.input_ids.len();
+        let visual = job.prompt.visual_tokens();
+        let deletions = job.recipe.as_ref().filter(|_| visual > 0).map(|r| r.deletions_for(visual));
+        let growth = decode_growth_for(job.params.max_tokens, prompt_tokens, info.max_context);
+        let demand = info.kv.demand(prompt_tokens, visual, deletions.as_deref(), growth);
+        Self { queued, demand, deletions }
     }
 }
 
@@ -34,16 +49,17 @@ fn prune_hook(q: &Queued) -> Option<PruneHook> {
 /// sequence with the hook that pruned it.
 pub(super) fn prefill(
     model: &LlavaModel,
-    batch: &[&Queued],
+    batch: &[&Waiting],
 ) -> Result<Vec<(Option<PruneHook>, Sequence)>, EngineError> {
-    let mut prunes: Vec<Option<PruneHook>> = batch.iter().map(|q| prune_hook(q)).collect();
+    let mut prunes: Vec<Option<PruneHook>> =
+        batch.iter().map(|w| w.deletions.clone().map(|d| PruneHook::new(d, &w.queued.job.prompt))).collect();
     let mut unpruned: Vec<NoHook> = batch.iter().map(|_| NoHook).collect();
     let mut starts: Vec<SequenceStart<'_>> = batch
         .iter()
         .zip(prunes.iter_mut().zip(unpruned.iter_mut()))
-        .map(|(q, (prune, none))| SequenceStart {
-            prompt: &q.job.prompt,
-            params: &q.job.params,
+        .map(|(w, (prune, none))| SequenceStart {
+            prompt: &w.queued.job.prompt,
+            params: &w.queued.job.params,
             hook: match prune {
                 Some(h) => h as &mut dyn DecoderHook,
                 None => none,

@@ -22,11 +22,10 @@ use crate::metrics::CancelReason;
 use crate::model::{LlavaModel, ModelError};
 
 use super::fidelity::Monitor;
-use super::kv::KvDemand;
 use super::queue::{BackgroundWork, Command, EngineError, EngineState, Event, Loader, Phase, Queued, Shared};
-use super::running::Running;
+use super::running::{Running, Waiting};
 use super::scheduler::{Demand, Scheduler, SchedulerLimits, SeqId};
-use super::sequence::{decode_growth_for, Sequence};
+use super::sequence::Sequence;
 
 pub use super::loaded::LoadedModel;
 
@@ -61,12 +60,6 @@ fn cuda_free_bytes() -> Option<u64> {
 #[cfg(not(feature = "cuda"))]
 fn cuda_free_bytes() -> Option<u64> {
     None
-}
-
-/// A request admitted to the scheduler but not started yet.
-struct Waiting {
-    queued: Queued,
-    demand: KvDemand,
 }
 
 struct Worker {
@@ -187,22 +180,18 @@ impl Worker {
     /// Computes a request's KV demand and hands it to the scheduler (or refuses it at once if it
     /// could never fit).
     fn enqueue(&mut self, queued: Queued) {
-        let job = &queued.job;
-        let info = &self.loaded.info;
-        let prompt_tokens = job.prompt.input_ids.len();
-        let visual = job.prompt.visual_tokens();
-        let deletions = job.recipe.as_ref().filter(|_| visual > 0).map(|r| r.deletions_for(visual));
-        let growth = decode_growth_for(job.params.max_tokens, prompt_tokens, info.max_context);
-        let demand = info.kv.demand(prompt_tokens, visual, deletions.as_deref(), growth);
+        let waiting = Waiting::new(queued, &self.loaded.info);
+        let demand =
+            Demand { prompt_tokens: waiting.queued.job.prompt.input_ids.len(), kv_bytes: waiting.demand.bytes };
         let id = self.next_id;
         self.next_id += 1;
-        match self.scheduler.enqueue(id, Demand { prompt_tokens, kv_bytes: demand.bytes }) {
+        match self.scheduler.enqueue(id, demand) {
             Ok(()) => {
-                self.waiting.insert(id, Waiting { queued, demand });
+                self.waiting.insert(id, waiting);
             }
             Err(e) => {
                 self.shared.left_queue();
-                let _ = queued.events.send(Event::Failed(EngineError::Schedule(e)));
+                let _ = waiting.queued.events.send(Event::Failed(EngineError::Schedule(e)));
             }
         }
     }
@@ -357,10 +346,10 @@ impl Worker {
         &self,
         batch: &[(SeqId, Waiting)],
     ) -> Result<Vec<(Option<crate::pruning::PruneHook>, Sequence)>, EngineError> {
-        let queued: Vec<&Queued> = batch.iter().map(|(_, w)| &w.queued).collect();
-        let names: Vec<&str> = queued.iter().map(|q| q.job.request_id.as_str()).collect();
+        let waiting: Vec<&Waiting> = batch.iter().map(|(_, w)| w).collect();
+        let names: Vec<&str> = waiting.iter().map(|w| w.queued.job.request_id.as_str()).collect();
         self.inject(Phase::Prefill, &names)?;
-        super::running::prefill(&self.loaded.model, &queued)
+        super::running::prefill(&self.loaded.model, &waiting)
     }
 
     /// Fails the pass over these requests if the test fault injector asks for it.
@@ -404,33 +393,26 @@ impl Worker {
     /// restored and each sequence is retried alone.
     fn decode(&mut self, ids: &[SeqId]) {
         match self.decode_pass(ids) {
-            Ok(()) => {}
+            Ok(()) => ids.iter().for_each(|&id| self.sample(id)),
             Err(e) if ids.len() > 1 => {
                 warn!(error = %e, sequences = ids.len(), "batched decode failed; decoding one at a time");
                 for &id in ids {
                     match self.decode_pass(&[id]) {
                         Ok(()) => self.sample(id),
-                        Err(e) => {
-                            if let Some(r) = self.running.get(&id) {
-                                r.span.in_scope(|| warn!(error = %e, "decode step failed"));
-                            }
-                            self.end(id, Some(e));
-                        }
+                        Err(e) => self.fail_decode(id, e),
                     }
                 }
-                return;
             }
-            Err(e) => {
-                if let Some(r) = self.running.get(&ids[0]) {
-                    r.span.in_scope(|| warn!(error = %e, "decode step failed"));
-                }
-                self.end(ids[0], Some(e));
-                return;
-            }
+            Err(e) => self.fail_decode(ids[0], e),
         }
-        for &id in ids {
-            self.sample(id);
+    }
+
+    /// Ends a sequence whose decode failed on its own.
+    fn fail_decode(&mut self, id: SeqId, e: EngineError) {
+        if let Some(r) = self.running.get(&id) {
+            r.span.in_scope(|| warn!(error = %e, "decode step failed"));
         }
+        self.end(id, Some(e));
     }
 
     /// One decode pass over `ids`, handing each sequence its logits. On failure every cache is
