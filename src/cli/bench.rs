@@ -64,6 +64,9 @@ pub struct BenchArgs {
     /// KV-cache MiB for the admission count of --concurrency (default: room for 16 unpruned).
     #[arg(long)]
     kv_cache_mib: Option<u64>,
+    /// Also write the measurements as JSON to this file (`scripts/device-check.sh` reads it).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 /// One budget's measurements over the repetitions.
@@ -180,7 +183,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             rows,
             kv_cache_mib: args.kv_cache_mib,
         };
-        return bench_serve::run(&dir, options, &bench, &bench_prompt);
+        let rows = bench_serve::run(&dir, options, &bench, &bench_prompt)?;
+        return write_report(&args, &dir, serde_json::json!({ "concurrency": rows }));
     }
     let prompt = prompt_for(0)?;
     let n = prompt.visual_tokens() as u64;
@@ -235,12 +239,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     let base = measured[0].prefill.clone();
+    let mut report_rows = Vec::new();
     for ((budget, deletions), m) in rows.iter().zip(measured) {
         let visual_ratio = flops.pruned(n, deletions) as f64 / flops.unpruned(n) as f64;
         let prompt_ratio =
             flops.pruned_with_text(n, text_rows, deletions) as f64 / flops.pruned_with_text(n, text_rows, &[]) as f64;
         let ratio = Stat::of(m.prefill.iter().zip(&base).map(|(p, b)| p / b).collect()).median;
         let (p, t, d) = (Stat::of(m.prefill), Stat::of(m.ttft), Stat::of(m.decode));
+        report_rows.push(serde_json::json!({
+            "budget": budget, "visual_tokens": n, "kept_visual": m.kept,
+            "flops_ratio_visual": visual_ratio, "flops_ratio_prompt": prompt_ratio,
+            "prefill_s": p.median, "prefill_ratio": ratio, "ttft_s": t.median, "decode_tokens_per_s": d.median,
+        }));
         println!(
             "| {budget:.2} | {} | {visual_ratio:.3} / {prompt_ratio:.3} | {:.4} [{:.4}..{:.4}] | {ratio:.3} | {:.2} | {:.4} [{:.4}..{:.4}] | {:.1} [{:.1}..{:.1}] |",
             m.kept, p.median, p.min, p.max, ratio / prompt_ratio, t.median, t.min, t.max, d.median, d.min, d.max
@@ -251,7 +261,22 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             (0..args.batch).map(|i| prompt_for(100 + i)).collect::<anyhow::Result<_>>()?;
         bench_batched(&model, &prompts, &rows, args.reps)?;
     }
-    Ok(())
+    let prompt_tokens = prompt.input_ids.len();
+    write_report(&args, &dir, serde_json::json!({ "prompt_tokens": prompt_tokens, "prefill": report_rows }))
+}
+
+/// Writes `body` plus what was run to `--json`, when given.
+fn write_report(args: &BenchArgs, dir: &std::path::Path, mut body: serde_json::Value) -> anyhow::Result<()> {
+    let Some(path) = &args.json else {
+        return Ok(());
+    };
+    body["model"] = serde_json::json!(dir.display().to_string());
+    body["device"] = serde_json::json!(args.device);
+    body["dtype"] = serde_json::json!(args.dtype);
+    body["reps"] = serde_json::json!(args.reps);
+    body["decode_tokens"] = serde_json::json!(args.decode_tokens);
+    let text = serde_json::to_string_pretty(&body)?;
+    std::fs::write(path, text + "\n").map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
 }
 
 /// Prefill (vision tower, projector, decoder, first logits) of `prompts` one at a time against

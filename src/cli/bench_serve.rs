@@ -51,7 +51,7 @@ pub fn run(
     options: LoadOptions,
     bench: &ConcurrencyBench,
     prompt_for: &dyn Fn(&LlavaModel, usize) -> anyhow::Result<PreparedPrompt>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<serde_json::Value>> {
     let max_c = bench.concurrency.iter().copied().max().unwrap_or(1);
     if max_c == 0 {
         bail!("--concurrency values must be positive");
@@ -83,6 +83,7 @@ pub fn run(
     );
     println!("| budget | concurrent | aggregate decode tok/s | vs 1 stream | TTFT p50 / p99 s | TPOT p50 / p99 ms |");
     println!("|---|---|---|---|---|---|");
+    let mut report = Vec::new();
     for (budget, deletions) in &bench.rows {
         let recipe = (*budget > 0.0).then(|| Arc::new(recipe_for(&loaded, *budget, deletions, &prompts[0])));
         let mut single = None;
@@ -99,21 +100,23 @@ pub fn run(
                 .filter(|t| t.tokens.len() > 1)
                 .map(|t| (t.tokens[t.tokens.len() - 1] - t.tokens[0]).as_secs_f64() / (t.tokens.len() - 1) as f64 * 1e3)
                 .collect();
+            let (ttft50, ttft99) = (percentile(&mut ttft, 50.0), percentile(&mut ttft, 99.0));
+            let (tpot50, tpot99) = (percentile(&mut tpot, 50.0), percentile(&mut tpot, 99.0));
             println!(
-                "| {budget:.1} | {c} | {tput:.1} | {:.2}x | {:.3} / {:.3} | {:.1} / {:.1} |",
+                "| {budget:.1} | {c} | {tput:.1} | {:.2}x | {ttft50:.3} / {ttft99:.3} | {tpot50:.1} / {tpot99:.1} |",
                 tput / base,
-                percentile(&mut ttft, 50.0),
-                percentile(&mut ttft, 99.0),
-                percentile(&mut tpot, 50.0),
-                percentile(&mut tpot, 99.0),
             );
+            report.push(serde_json::json!({
+                "budget": budget, "concurrent": c, "aggregate_decode_tokens_per_s": tput,
+                "ttft_p50_s": ttft50, "ttft_p99_s": ttft99, "tpot_p50_ms": tpot50, "tpot_p99_ms": tpot99,
+            }));
         }
     }
     admission_table(&loaded, bench, &prompts[0]);
     engine.shutdown();
     worker.join().map_err(|_| anyhow!("engine thread panicked"))?;
     pass_table(model, bench, &prompts)?;
-    Ok(())
+    Ok(report)
 }
 
 /// One decode pass per sequence (the round-robin engine this one replaced) against one batched

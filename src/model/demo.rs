@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -29,6 +29,10 @@ pub enum Preset {
     Tiny,
     /// 336px / 14px = 576 image tokens, 8-layer 1024-wide decoder: prefill dominated by matmuls.
     Bench,
+    /// LLaVA-1.5-7B's shapes (CLIP ViT-L/14-336, 32-layer 4096-wide Vicuna, 32,064-row vocabulary)
+    /// with random weights in bf16 (about 14 GB): GPU benchmarks on the real model's arithmetic.
+    #[value(name = "llava-1.5-7b")]
+    Llava7b,
 }
 
 /// Which model family to write.
@@ -103,6 +107,10 @@ struct Shape {
     heads: usize,
     kv_heads: usize,
     vocab_target: usize,
+    /// LM-head rows when the real model's vocabulary is larger than the demo tokenizer's.
+    vocab_rows: usize,
+    /// Stored dtype (safetensors and `torch_dtype`).
+    dtype: DType,
 }
 
 impl Shape {
@@ -123,6 +131,8 @@ impl Shape {
                 heads: 4,
                 kv_heads: 2,
                 vocab_target: 512,
+                vocab_rows: 0,
+                dtype: DType::F32,
             },
             (Preset::Bench, _) => Shape {
                 image: 336,
@@ -137,6 +147,25 @@ impl Shape {
                 heads: 16,
                 kv_heads: 16,
                 vocab_target: 1000,
+                vocab_rows: 0,
+                dtype: DType::F32,
+            },
+            // llava-hf/llava-1.5-7b-hf: 32,064 rows (32,002 tokens padded to a multiple of 64).
+            (Preset::Llava7b, _) => Shape {
+                image: 336,
+                patch: 14,
+                v_hidden: 1024,
+                v_inter: 4096,
+                v_layers: 24,
+                v_heads: 16,
+                hidden: 4096,
+                inter: 11008,
+                layers: 32,
+                heads: 32,
+                kv_heads: 32,
+                vocab_target: 1000,
+                vocab_rows: 32064,
+                dtype: DType::BF16,
             },
         };
         Shape { kv_heads: opts.kv_heads.unwrap_or(s.kv_heads), ..s }
@@ -163,7 +192,11 @@ pub fn write_demo_model(dir: &Path, opts: &DemoOptions) -> Result<DemoSummary> {
     std::fs::create_dir_all(dir).map_err(|source| ModelError::Io { path: dir.to_path_buf(), source })?;
     let tok = write_demo_tokenizer(dir, s.vocab_target).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
     // Like llava-hf (32064 rows for a 32002-token tokenizer), pad the vocabulary to a multiple of 64.
-    let vocab = tok.vocab_size.div_ceil(64) * 64;
+    let vocab = (tok.vocab_size.div_ceil(64) * 64).max(s.vocab_rows);
+    let torch_dtype = match s.dtype {
+        DType::BF16 => "bfloat16",
+        _ => "float32",
+    };
     let side = s.image / s.patch;
     let next = opts.family == DemoFamily::Next;
     let image_tokens = if next {
@@ -188,7 +221,7 @@ pub fn write_demo_model(dir: &Path, opts: &DemoOptions) -> Result<DemoSummary> {
         "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads,
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": rope_theta,
         "hidden_act": "silu", "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
-        "pad_token_id": tok.pad_id, "tie_word_embeddings": false, "torch_dtype": "float32"
+        "pad_token_id": tok.pad_id, "tie_word_embeddings": false, "torch_dtype": torch_dtype
     });
     if opts.backbone == DemoBackbone::Mistral {
         text_config["sliding_window"] = json!(opts.sliding_window);
@@ -203,7 +236,7 @@ pub fn write_demo_model(dir: &Path, opts: &DemoOptions) -> Result<DemoSummary> {
         "vision_feature_select_strategy": select,
         "image_seq_length": if next { side * side } else { image_tokens },
         "tie_word_embeddings": false,
-        "torch_dtype": "float32",
+        "torch_dtype": torch_dtype,
         "text_config": text_config,
         "vision_config": {
             "model_type": "clip_vision_model", "hidden_size": s.v_hidden,
@@ -253,7 +286,8 @@ pub fn write_demo_model(dir: &Path, opts: &DemoOptions) -> Result<DemoSummary> {
     if next {
         // transformers initialises it as randn(hidden) / sqrt(hidden).
         let std = 1.0 / (s.hidden as f64).sqrt();
-        tensors.push(("image_newline".into(), Init::Normal(std).sample(&[s.hidden], opts.seed, "image_newline")?));
+        let newline = Init::Normal(std).sample(&[s.hidden], opts.seed, "image_newline")?.to_dtype(s.dtype)?;
+        tensors.push(("image_newline".into(), newline));
     }
     let parameters = tensors.iter().map(|(_, t)| t.elem_count()).sum();
     let renamed: Vec<(String, Tensor)> = tensors.into_iter().map(|(n, t)| (rename(&n, opts.layout), t)).collect();
@@ -263,6 +297,11 @@ pub fn write_demo_model(dir: &Path, opts: &DemoOptions) -> Result<DemoSummary> {
 
 /// Hub-layout tensor names and shapes, then random values.
 fn random_tensors(s: &Shape, vocab: usize, seed: u64) -> Result<Vec<(String, Tensor)>> {
+    sample_all(tensor_specs(s, vocab), seed, s.dtype)
+}
+
+/// Hub-layout tensor names, shapes and initialisations.
+fn tensor_specs(s: &Shape, vocab: usize) -> Vec<(String, Vec<usize>, Init)> {
     let mut specs: Vec<(String, Vec<usize>, Init)> = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, init: Init| specs.push((name, shape, init));
     let hd = s.hidden / s.heads;
@@ -312,12 +351,44 @@ fn random_tensors(s: &Shape, vocab: usize, seed: u64) -> Result<Vec<(String, Ten
     add(format!("{mp}.linear_1.bias"), vec![s.hidden], Init::Normal(0.02));
     add(format!("{mp}.linear_2.weight"), vec![s.hidden, s.hidden], Init::Fan(1.0));
     add(format!("{mp}.linear_2.bias"), vec![s.hidden], Init::Normal(0.02));
+    specs
+}
 
+/// Samples every tensor, spread over the CPU's threads: a 7B checkpoint is 7 billion draws.
+/// Each tensor's stream is seeded by its name, so the split changes nothing in the output.
+fn sample_all(specs: Vec<(String, Vec<usize>, Init)>, seed: u64, dtype: DType) -> Result<Vec<(String, Tensor)>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(specs.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let sampled: Vec<Result<Vec<(usize, Tensor)>>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((name, shape, init)) = specs.get(i) else { break };
+                        done.push((i, init.sample(shape, seed, name)?.to_dtype(dtype)?));
+                    }
+                    Ok(done)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|_| Err(ModelError::InvalidInput("a sampling thread panicked".into()))))
+            .collect()
+    });
+    let mut tensors: Vec<Option<Tensor>> = specs.iter().map(|_| None).collect();
+    for part in sampled {
+        for (i, t) in part? {
+            tensors[i] = Some(t);
+        }
+    }
     specs
         .into_iter()
-        .map(|(name, shape, init)| {
-            let t = init.sample(&shape, seed, &name)?;
-            Ok((name, t))
+        .zip(tensors)
+        .map(|((name, _, _), t)| {
+            t.map(|t| (name.clone(), t)).ok_or_else(|| ModelError::InvalidInput(format!("{name} was not sampled")))
         })
         .collect()
 }
@@ -395,7 +466,7 @@ fn write_safetensors(dir: &Path, tensors: Vec<(String, Tensor)>, shards: usize) 
         let file = format!("model-{:05}-of-{shards:05}.safetensors", i + 1);
         for (name, t) in &part {
             weight_map.insert(name.clone(), json!(file));
-            total += t.elem_count() * 4;
+            total += t.elem_count() * t.dtype().size_in_bytes();
         }
         save(&file, part)?;
     }
@@ -410,4 +481,34 @@ fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> Result<()> {
     let path = dir.join(name);
     let text = serde_json::to_string_pretty(value).map_err(|e| ModelError::InvalidInput(e.to_string()))?;
     std::fs::write(&path, text + "\n").map_err(|source| ModelError::Io { path, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llava_7b_preset_has_the_published_parameter_count() {
+        let opts = DemoOptions { preset: Preset::Llava7b, ..Default::default() };
+        let s = Shape::of(&opts);
+        let params: usize =
+            tensor_specs(&s, s.vocab_rows).iter().map(|(_, shape, _)| shape.iter().product::<usize>()).sum();
+        // llava-hf/llava-1.5-7b-hf: 7,063,427,072 parameters (CLIP ViT-L/14-336 vision model,
+        // 2-layer projector, Vicuna-7B with a 32,064-row vocabulary).
+        assert_eq!(params, 7_063_427_072);
+        assert_eq!(s.dtype, DType::BF16);
+    }
+
+    #[test]
+    fn threaded_sampling_matches_one_tensor_at_a_time() {
+        let s = Shape::of(&DemoOptions::default());
+        let specs = tensor_specs(&s, 512);
+        let sampled = sample_all(specs.clone(), 7, DType::F32).unwrap();
+        for ((name, shape, init), (got_name, got)) in specs.into_iter().zip(&sampled).step_by(5) {
+            assert_eq!(&name, got_name);
+            let want = init.sample(&shape, 7, &name).unwrap();
+            let diff = (want - got).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+        }
+    }
 }
