@@ -4,6 +4,7 @@
 //! model-free [`scheduler::Scheduler`] plans.
 
 pub mod background;
+pub mod device_pick;
 pub mod fidelity;
 pub mod generate;
 pub mod kv;

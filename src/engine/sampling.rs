@@ -7,6 +7,8 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::device_pick::{Need, Picked};
+
 /// How to pick tokens.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -52,6 +54,24 @@ impl Sampler {
             None => ChaCha8Rng::from_os_rng(),
         };
         Self { params, rng }
+    }
+
+    /// What this sampler needs from a pass's logits: greedy choices are made on the device.
+    pub fn need(&self) -> Need {
+        if self.params.temperature <= 0.0 {
+            Need::Greedy { top_logprobs: self.params.top_logprobs }
+        } else {
+            Need::Row
+        }
+    }
+
+    /// The next token from what [`super::device_pick::pick_rows`] returned for this sampler's
+    /// [`Self::need`].
+    pub fn take(&mut self, picked: Picked) -> Choice {
+        match picked {
+            Picked::Chosen(choice) => choice,
+            Picked::Row(logits) => self.choose(&logits),
+        }
     }
 
     /// Chooses the next token from (vocab,) logits.

@@ -14,6 +14,7 @@ use crate::model::llama::{DecoderHook, KvCache};
 use crate::model::llava::{Prefill, PrefillItem};
 use crate::model::{LlavaModel, ModelError, PreparedPrompt};
 
+use super::device_pick::{pick_rows, Need, Picked};
 use super::sampling::{Sampler, SamplingParams};
 use super::stop::TextTracker;
 
@@ -111,7 +112,9 @@ pub struct Sequence {
     cache: KvCache,
     stop: TextTracker,
     eos: Vec<u32>,
-    logits: Option<Vec<f32>>,
+    /// What the next sample uses: the prefill's logits (the first-token distribution, which the
+    /// fidelity monitor may need), then each decode pass's pick.
+    next: Option<Picked>,
     /// Token sampled last whose decode has not run yet.
     pending: Option<u32>,
     ids: Vec<u32>,
@@ -202,7 +205,7 @@ impl Sequence {
             cache,
             stop: TextTracker::new(params.stop.clone()),
             eos: model.eos_ids(),
-            logits: Some(logits),
+            next: Some(Picked::Row(logits)),
             pending: None,
             ids: Vec::new(),
             prefix: 0,
@@ -233,7 +236,9 @@ impl Sequence {
         if let Some((token, position)) = self.decode_input() {
             let t = Instant::now();
             let logits = model.decode_batch(&[token], &[position], &mut [&mut self.cache])?;
-            self.set_logits(logits.squeeze(0)?.to_vec1::<f32>()?, t.elapsed());
+            let picked = pick_rows(&logits, &[self.need()])?.pop();
+            let picked = picked.ok_or_else(|| ModelError::InvalidInput("decode returned no row".into()))?;
+            self.set_next(picked, t.elapsed());
         }
         self.sample(model.tokenizer())
     }
@@ -245,9 +250,18 @@ impl Sequence {
         Some((token, (self.prompt_tokens + self.completion_tokens - 1) as u32))
     }
 
-    /// The logits the next sample will use (right after prefill: the first-token distribution).
+    /// The logits the next sample will use, when it holds them whole (right after prefill: the
+    /// first-token distribution).
     pub fn pending_logits(&self) -> Option<&[f32]> {
-        self.logits.as_deref()
+        match &self.next {
+            Some(Picked::Row(logits)) => Some(logits),
+            _ => None,
+        }
+    }
+
+    /// What the next decode pass must hand back for this sequence.
+    pub fn need(&self) -> Need {
+        self.sampler.need()
     }
 
     /// The sequence's KV cache (a decode pass appends to it).
@@ -260,11 +274,11 @@ impl Sequence {
         &self.cache
     }
 
-    /// Hands over the logits the decode of [`Self::decode_input`] produced (`decode` is this
-    /// sequence's share of the pass's time).
-    pub fn set_logits(&mut self, logits: Vec<f32>, decode: Duration) {
+    /// Hands over what the decode of [`Self::decode_input`] produced for [`Self::need`]
+    /// (`decode` is this sequence's share of the pass's time).
+    pub fn set_next(&mut self, picked: Picked, decode: Duration) {
         self.pending = None;
-        self.logits = Some(logits);
+        self.next = Some(picked);
         self.timings.decode += decode;
     }
 
@@ -275,10 +289,10 @@ impl Sequence {
         if self.finished.is_some() {
             return Ok(None);
         }
-        let Some(logits) = self.logits.take() else {
+        let Some(picked) = self.next.take() else {
             return Ok(None);
         };
-        let choice = self.sampler.choose(&logits);
+        let choice = self.sampler.take(picked);
         self.completion_tokens += 1;
         if self.eos.contains(&choice.token) {
             self.finished = Some(FinishReason::Stop);

@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::metrics::CancelReason;
 use crate::model::{LlavaModel, ModelError};
 
+use super::device_pick::{pick_rows, Need, Picked};
 use super::fidelity::Monitor;
 use super::queue::{BackgroundWork, Command, EngineError, EngineState, Event, Loader, Phase, Queued, Shared};
 use super::running::{Running, Waiting};
@@ -441,16 +442,17 @@ impl Worker {
             positions.push(p);
         }
         let lengths: Vec<Vec<usize>> = seqs.iter().map(|r| r.seq.cache().lengths()).collect();
-        let logits = {
+        let needs: Vec<Need> = seqs.iter().map(|r| r.seq.need()).collect();
+        let picked = {
             let mut caches: Vec<&mut crate::model::llama::KvCache> =
                 seqs.iter_mut().map(|r| r.seq.cache_mut()).collect();
-            decode_rows(&self.loaded.model, &tokens, &positions, &mut caches)
+            decode_rows(&self.loaded.model, &tokens, &positions, &mut caches, &needs)
         };
-        match logits {
+        match picked {
             Ok(rows) => {
                 let elapsed = started.elapsed();
                 for (r, row) in seqs.into_iter().zip(rows) {
-                    r.seq.set_logits(row, elapsed);
+                    r.seq.set_next(row, elapsed);
                 }
                 Ok(())
             }
@@ -510,12 +512,14 @@ impl Worker {
     }
 }
 
-/// One batched decode pass, its (B, vocab) logits copied to the host in one transfer.
+/// One batched decode pass; each row's token is picked on the logits' device, so the host
+/// receives only what the responses need (`device_pick`).
 fn decode_rows(
     model: &LlavaModel,
     tokens: &[u32],
     positions: &[u32],
     caches: &mut [&mut crate::model::llama::KvCache],
-) -> Result<Vec<Vec<f32>>, ModelError> {
-    Ok(model.decode_batch(tokens, positions, caches)?.to_vec2::<f32>()?)
+    needs: &[Need],
+) -> Result<Vec<Picked>, ModelError> {
+    pick_rows(&model.decode_batch(tokens, positions, caches)?, needs)
 }

@@ -178,42 +178,72 @@ impl KvCache {
     }
 }
 
-/// RoPE inverse frequencies, computed like transformers' default rotary embedding (in f32).
+/// Positions the device RoPE table covers at most; later positions (beyond any supported
+/// context) are computed on the host per pass.
+const MAX_TABLE_POSITIONS: usize = 1 << 18;
+
+/// RoPE tables, computed like transformers' default rotary embedding (angles and cos/sin in
+/// f32), once at load for every position of the model's context and kept on its device: a pass
+/// gathers its rows' entries there instead of building and uploading tables each forward.
 #[derive(Debug, Clone)]
 pub(super) struct Rotary {
-    inv_freq: Vec<f32>,
+    pub(super) inv_freq: Vec<f32>,
+    /// (positions, head_dim / 2) cos and sin in the model's dtype, on its device.
+    cos: Tensor,
+    sin: Tensor,
 }
 
 impl Rotary {
-    fn new(cfg: &TextConfig) -> Self {
+    pub(super) fn new(cfg: &TextConfig, dtype: DType, device: &Device) -> Result<Self> {
         let dim = cfg.head_dim();
         let theta = cfg.rope_theta as f32;
-        let inv_freq = (0..dim).step_by(2).map(|i| 1.0 / theta.powf(i as f32 / dim as f32)).collect();
-        Self { inv_freq }
+        let inv_freq: Vec<f32> = (0..dim).step_by(2).map(|i| 1.0 / theta.powf(i as f32 / dim as f32)).collect();
+        let len = cfg.max_position_embeddings.clamp(1, MAX_TABLE_POSITIONS);
+        let all: Vec<u32> = (0..len as u32).collect();
+        let (cos, sin) = host_tables(&inv_freq, &all, dtype, device)?;
+        Ok(Self { inv_freq, cos, sin })
     }
 
-    /// cos and sin tables (rows, head_dim / 2) at the given positions.
-    pub(super) fn tables(&self, positions: &[u32], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(positions.len() * half);
-        let mut sin = Vec::with_capacity(positions.len() * half);
-        for &p in positions {
-            for &f in &self.inv_freq {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
+    /// cos and sin (rows, head_dim / 2) at the given positions, in the table's dtype.
+    pub(super) fn tables(&self, positions: &[u32], device: &Device) -> Result<(Tensor, Tensor)> {
+        let len = self.cos.dim(0)?;
+        if positions.iter().any(|&p| p as usize >= len) {
+            return host_tables(&self.inv_freq, positions, self.cos.dtype(), device);
         }
-        let shape = (positions.len(), half);
-        let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
-        Ok((cos, sin))
+        let idx = Tensor::new(positions, device)?;
+        Ok((self.cos.index_select(&idx, 0)?, self.sin.index_select(&idx, 0)?))
     }
+}
+
+/// cos and sin tables (rows, half) computed on the host (in f32) and uploaded.
+pub(super) fn host_tables(
+    inv_freq: &[f32],
+    positions: &[u32],
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(positions.len() * half);
+    let mut sin = Vec::with_capacity(positions.len() * half);
+    for &p in positions {
+        for &f in inv_freq {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    let shape = (positions.len(), half);
+    let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
 }
 
 /// Additive mask (rows, keys): 0 where the key's position is not after the row's and, with a
 /// `window` W, `row - key < W` (transformers' sliding mask, `kv_idx > q_idx - W`); -inf elsewhere.
 /// `None` when every key is visible to every row (decode steps inside the window).
+///
+/// Built on `device` from the two position lists (rows + keys values uploaded, not rows x keys),
+/// by comparisons there.
 pub(super) fn position_mask(
     rows: &[u32],
     keys: &[u32],
@@ -226,12 +256,19 @@ pub(super) fn position_mask(
     if keys.iter().all(|&k| k <= min_row && in_window(max_row, k)) {
         return Ok(None);
     }
-    let visible = |r: u32, k: u32| k <= r && in_window(r, k);
-    let mask: Vec<f32> = rows
-        .iter()
-        .flat_map(|&r| keys.iter().map(move |&k| if visible(r, k) { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    Ok(Some(Tensor::from_vec(mask, (rows.len(), keys.len()), device)?))
+    let shape = (rows.len(), keys.len());
+    // Positions are below 2^24 (any context), so f32 holds them exactly.
+    let as_f32 = |p: &[u32]| p.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    let r = Tensor::from_vec(as_f32(rows), (rows.len(), 1), device)?.broadcast_as(shape)?;
+    let k = Tensor::from_vec(as_f32(keys), (1, keys.len()), device)?.broadcast_as(shape)?;
+    let mut visible = k.le(&r)?;
+    if let Some(w) = window {
+        // row - key < W  <=>  key + W > row.
+        visible = (visible * k.affine(1.0, f64::from(w))?.gt(&r)?)?;
+    }
+    let zero = Tensor::zeros((1, 1), DType::F32, device)?.broadcast_as(shape)?;
+    let blocked = Tensor::full(f32::NEG_INFINITY, (1, 1), device)?.broadcast_as(shape)?;
+    Ok(Some(visible.where_cond(&zero, &blocked)?))
 }
 
 fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
@@ -446,7 +483,8 @@ impl Llama {
             None => Linear::new(embed_tokens.embeddings().clone(), None),
         };
         let window = cfg.sliding_window.map(|w| u32::try_from(w).unwrap_or(u32::MAX));
-        Ok(Self { embed_tokens, layers, norm, lm_head, rotary: Rotary::new(cfg), window })
+        let rotary = Rotary::new(cfg, vb.dtype(), vb.device())?;
+        Ok(Self { embed_tokens, layers, norm, lm_head, rotary, window })
     }
 
     /// Number of decoder layers.
@@ -476,8 +514,8 @@ impl Llama {
                 cache.layers.len()
             )));
         }
-        let (device, dtype) = (embeds.device(), embeds.dtype());
-        let (cos, sin) = self.rotary.tables(positions, dtype, device)?;
+        let device = embeds.device();
+        let (cos, sin) = self.rotary.tables(positions, device)?;
         let mut step = Step::new(positions.to_vec(), self.window, cos, sin);
         let mut x = embeds.clone();
         for (l, layer) in self.layers.iter().enumerate() {
@@ -514,7 +552,7 @@ impl Llama {
     /// Calibration uses this with [`Self::layer_finish`] to branch on pruning decisions.
     pub fn layer_attention(&self, l: usize, x: &Tensor, positions: &[u32]) -> Result<(Tensor, Tensor)> {
         let layer = &self.layers[l];
-        let (cos, sin) = self.rotary.tables(positions, x.dtype(), x.device())?;
+        let (cos, sin) = self.rotary.tables(positions, x.device())?;
         let step = Step::new(positions.to_vec(), self.window, cos, sin);
         let normed = layer.input_layernorm.forward(x)?;
         let (attn, probs) = layer.self_attn.attend(&normed, &step, &mut LayerCache::default(), true)?;

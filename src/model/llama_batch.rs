@@ -71,7 +71,7 @@ impl Llama {
         let Some(first) = seqs.first() else {
             return Ok(Vec::new());
         };
-        let (device, dtype, hidden) = (first.embeds.device().clone(), first.embeds.dtype(), first.embeds.dim(2)?);
+        let (device, hidden) = (first.embeds.device().clone(), first.embeds.dim(2)?);
         for (i, s) in seqs.iter().enumerate() {
             let (one, rows, h) = s.embeds.dims3()?;
             if one != 1 || h != hidden || rows == 0 || rows != s.positions.len() {
@@ -89,7 +89,7 @@ impl Llama {
         }
         let mut packing = Packing::new(seqs.iter().map(|s| s.positions.clone()).collect());
         let mut x = Tensor::cat(&seqs.iter().map(|s| &s.embeds).collect::<Vec<_>>(), 1)?;
-        let (mut cos, mut sin) = self.rotary.tables(&packing.all_positions(), dtype, &device)?;
+        let (mut cos, mut sin) = self.rotary.tables(&packing.all_positions(), &device)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_layernorm.forward(&x)?;
             let (q, k, v) = layer.self_attn.project(&normed, &cos, &sin)?;
@@ -121,7 +121,7 @@ impl Llama {
                     positions.push(k.iter().map(|&r| p[r as usize]).collect());
                 }
                 packing = Packing::new(positions);
-                (cos, sin) = self.rotary.tables(&packing.all_positions(), dtype, &device)?;
+                (cos, sin) = self.rotary.tables(&packing.all_positions(), &device)?;
                 let index = Tensor::new(index.as_slice(), &device)?;
                 (x.index_select(&index, 1)?, attn.index_select(&index, 1)?)
             } else {

@@ -31,7 +31,7 @@ impl Llama {
         let device = self.embed_tokens.embeddings().device().clone();
         let ids = Tensor::new(tokens, &device)?.unsqueeze(0)?;
         let mut x = self.embed(&ids)?;
-        let (cos, sin) = self.rotary.tables(positions, x.dtype(), &device)?;
+        let (cos, sin) = self.rotary.tables(positions, &device)?;
         // RoPE tables per sequence, (B, 1, half): each sequence is its own batch entry below.
         let (cos, sin) = (cos.unsqueeze(1)?, sin.unsqueeze(1)?);
         let hidden_size = x.dim(2)?;

@@ -480,3 +480,47 @@ fn batched_decode_enforces_a_sliding_window_like_the_single_sequence_path() {
         assert!(differs, "sequence {i}: the sliding window changed nothing");
     }
 }
+
+#[test]
+fn device_mask_equals_the_rule_it_encodes() {
+    use super::llama::position_mask;
+    // Prefill rows with pruning gaps, decode rows, keys from a pruned cache; with and without a window.
+    let cases: Vec<(Vec<u32>, Vec<u32>)> = vec![
+        ((0..9).collect(), (0..9).collect()),
+        (vec![0, 1, 4, 7, 8, 12], vec![0, 1, 4, 7, 8, 12]),
+        (vec![13, 14], vec![0, 2, 3, 9, 12, 13, 14]),
+        (vec![20], (0..21).collect()),
+    ];
+    for (rows, keys) in &cases {
+        for window in [None, Some(3), Some(6), Some(100)] {
+            let visible = |r: u32, k: u32| k <= r && window.is_none_or(|w| r - k < w);
+            let want: Vec<Vec<f32>> = rows
+                .iter()
+                .map(|&r| keys.iter().map(|&k| if visible(r, k) { 0.0 } else { f32::NEG_INFINITY }).collect())
+                .collect();
+            let got = position_mask(rows, keys, window, &Device::Cpu).unwrap();
+            match got {
+                Some(m) => assert_eq!(rows_of(&m), want, "rows {rows:?} keys {keys:?} window {window:?}"),
+                None => assert!(want.iter().flatten().all(|&v| v == 0.0), "None for a mask that hides keys"),
+            }
+        }
+    }
+}
+
+#[test]
+fn device_rope_table_equals_host_tables_inside_and_past_the_table() {
+    use super::llama::{host_tables, Rotary};
+    let mut c = cfg();
+    c.max_position_embeddings = 64;
+    let rotary = Rotary::new(&c, DType::F32, &Device::Cpu).unwrap();
+    for positions in [vec![0u32, 1, 2, 5, 63], vec![7, 3, 40], vec![10, 64, 500]] {
+        let (cos, sin) = rotary.tables(&positions, &Device::Cpu).unwrap();
+        let (want_cos, want_sin) = host_tables(&rotary.inv_freq, &positions, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(rows_of(&cos), rows_of(&want_cos), "{positions:?}");
+        assert_eq!(rows_of(&sin), rows_of(&want_sin), "{positions:?}");
+    }
+}
+
+fn rows_of(t: &Tensor) -> Vec<Vec<f32>> {
+    t.to_vec2::<f32>().unwrap()
+}
