@@ -197,8 +197,13 @@ def step_c(args, work, device, dtype, model, reference_prompt_tokens):
     out = work / "torch.json"
     script = REPO / "scripts" / "device_check_torch.py"
     reps, tokens = (2, 8) if args.dry_run else (5, 64)
+    # The bench's prompt as fitprune renders it (any 336-px image gives the same token count).
+    ids_file = work / "prompt-ids.json"
+    doc = json.loads(run([args.binary, "generate", "--model", model, "--image", IMAGES["llava"],
+                          "--prompt", BENCH_QUESTION, "--max-tokens", 1, "--json"]))
+    ids_file.write_text(json.dumps(doc["prompt_token_ids"]))
     cmd = [args.python, script, "--model", model, "--device", device, "--dtype", dtype, "--reps", reps,
-           "--decode-tokens", tokens, "--question", BENCH_QUESTION, "--json", out]
+           "--decode-tokens", tokens, "--prompt-ids", ids_file, "--json", out]
     try:
         run(cmd)
     except (subprocess.CalledProcessError, FileNotFoundError) as e:
@@ -227,6 +232,7 @@ def summarise(a, b, c, dry_run):
         s["engine_single_stream_tokens_per_s"] = single["aggregate_decode_tokens_per_s"]
     if c.get("ok") and base:
         s["torch_ttft_s"], s["torch_decode_tokens_per_s"] = c["ttft_s"], c["decode_tokens_per_s"]
+        s["torch_same_prompt_length"] = c["same_prompt_length"]
         s["ttft_vs_torch"] = base["ttft_s"] / c["ttft_s"]
         s["decode_vs_torch"] = decode / c["decode_tokens_per_s"]
         s["target_ttft_not_slower_than_torch"] = s["ttft_vs_torch"] <= 1.0
@@ -276,6 +282,7 @@ def main():
     p.add_argument("--python", default=sys.executable, help="Python with torch and transformers")
     args = p.parse_args()
     binary = find_binary(args.bin)
+    args.binary = binary
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="fitprune-device-check-"))
     work.mkdir(parents=True, exist_ok=True)
     device, dtype = ("cpu", "f32") if args.dry_run or args.write_expected else ("cuda", "bf16")

@@ -2,7 +2,12 @@
 """PyTorch transformers' side of the device check: TTFT and decode speed of a llava-hf checkpoint
 (sdpa attention), measured like `fitprune bench` measures itself: the prompt is prepared outside
 the timing; TTFT = vision tower + projector + prefill + the first token; decode = tokens after the
-first over the time after it. Works with transformers 4.x and 5.x (`dtype` vs `torch_dtype`)."""
+first over the time after it. Works with transformers 4.x and 5.x (`dtype` vs `torch_dtype`).
+
+With `--prompt-ids FILE` (the prompt token ids fitprune rendered, as `generate --json` prints them)
+the processor is not used at all: the ids go in as they are, with random pixel values at the
+vision tower's input size, so the timing covers exactly the prompt fitprune timed and does not
+depend on which image processors the installed transformers ships."""
 
 import argparse
 import json
@@ -11,8 +16,7 @@ import time
 
 import torch
 import transformers
-from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 from transformers.generation.streamers import BaseStreamer
 
 
@@ -20,8 +24,21 @@ def load(model_dir, dtype, device):
     kw = {"attn_implementation": "sdpa"}
     major = int(transformers.__version__.split(".")[0])
     kw["dtype" if major >= 5 else "torch_dtype"] = dtype
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, **kw).to(device).eval()
-    return AutoProcessor.from_pretrained(model_dir), model
+    return LlavaForConditionalGeneration.from_pretrained(model_dir, **kw).to(device).eval()
+
+
+def processor_inputs(model_dir, model, question):
+    """fitprune bench's prompt through the checkpoint's own processor: one side x (side + 37)
+    image before the question."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    side = model.config.vision_config.image_size
+    pixels = (torch.rand(side + 37, side, 3) * 255).to(torch.uint8).numpy()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(images=Image.fromarray(pixels), text=prompt, return_tensors="pt")
 
 
 def sync(device):
@@ -63,17 +80,21 @@ def main():
     p.add_argument("--question", default="What is in the image?")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--prompt-ids", help="JSON file with the prompt token ids (skips the processor)")
     p.add_argument("--json", required=True)
     args = p.parse_args()
     dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[args.dtype]
     torch.manual_seed(0)
-    processor, model = load(args.model, dtype, args.device)
-    side = model.config.vision_config.image_size
-    # fitprune bench's prompt: one side x (side + 37) image before the question.
-    pixels = (torch.rand(side + 37, side, 3) * 255).to(torch.uint8).numpy()
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.question}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=Image.fromarray(pixels), text=prompt, return_tensors="pt").to(args.device)
+    model = load(args.model, dtype, args.device)
+    if args.prompt_ids:
+        with open(args.prompt_ids) as f:
+            ids = json.load(f)
+        side = model.config.vision_config.image_size
+        inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+                  "pixel_values": torch.randn(1, 3, side, side)}
+    else:
+        inputs = dict(processor_inputs(args.model, model, args.question))
+    inputs = {k: v.to(args.device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     ttft, decode = [], []
     with torch.inference_mode():
