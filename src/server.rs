@@ -17,10 +17,11 @@ use crate::config::ServerConfig;
 use crate::engine::recipes::{FileRecipes, RecipeSource};
 use crate::engine::{Engine, EngineState, LoadedModel};
 use crate::jobs::calibration::CalibrationJobs;
+use crate::jobs::recipe_source::DbRecipes;
 use crate::metrics::Metrics;
 use crate::model::llava::LoadOptions;
 use crate::model::{source, LlavaModel};
-use crate::store::{self, source::DbRecipes};
+use crate::store;
 use crate::validation::images::ImageFetcher;
 use crate::validation::ValidationSettings;
 

@@ -17,11 +17,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::jobs::calibration::CalibrationJobs;
+use crate::jobs::recipe_source::DbRecipes;
 use crate::protocol::ErrorCode;
 use crate::pruning::recipe::{authors_scheme, authors_scheme_names, ModelShape};
 use crate::pruning::Recipe;
 use crate::store::jobs::{self, JobStatus};
-use crate::store::source::DbRecipes;
 use crate::store::{new_id, recipes, Page, StoreError};
 use crate::validation::data_root::DataRoot;
 

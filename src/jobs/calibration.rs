@@ -21,6 +21,7 @@ use sqlx::SqlitePool;
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 
+use super::recipe_source::DbRecipes;
 use crate::engine::background::EngineLayers;
 use crate::engine::{Engine, EngineState, LoadedModel};
 use crate::metrics::Metrics;
@@ -28,7 +29,6 @@ use crate::model::prompt::{ChatMessage, ContentPart};
 use crate::pruning::calibrate::{calibrate, CalibrateOptions, CalibrationObserver};
 use crate::pruning::{PruneError, Recipe};
 use crate::store::jobs::{self, JobStatus, Progress};
-use crate::store::source::DbRecipes;
 use crate::store::{new_id, recipes};
 
 /// One image + question to calibrate on.

@@ -3,7 +3,6 @@
 
 pub mod jobs;
 pub mod recipes;
-pub mod source;
 
 use std::str::FromStr;
 use std::time::Duration;

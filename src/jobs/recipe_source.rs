@@ -1,4 +1,5 @@
-//! The SQLite store as the server's [`RecipeSource`]: the loaded model's recipes are cached in
+//! The SQLite store as the server's [`RecipeSource`] (glue between `store` and the engine, so
+//! neither depends on the other): the loaded model's recipes are cached in
 //! memory and reloaded after any change, so a deleted recipe stops applying with the next request.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +12,7 @@ use crate::engine::recipes::{FileRecipes, RecipeError, RecipeSource};
 use crate::engine::ModelInfo;
 use crate::pruning::Recipe;
 
-use super::recipes;
+use crate::store::recipes;
 
 /// What the cache holds: the recipes of one model fingerprint.
 type Cached = (String, Vec<Arc<Recipe>>);
