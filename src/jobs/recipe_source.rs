@@ -132,7 +132,7 @@ mod tests {
     async fn one_connection_pool(dir: &std::path::Path) -> SqlitePool {
         let opts = SqliteConnectOptions::new().filename(dir.join("t.db")).create_if_missing(true);
         let pool = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await.unwrap();
-        super::super::MIGRATOR.run(&pool).await.unwrap();
+        crate::store::MIGRATOR.run(&pool).await.unwrap();
         pool
     }
 
