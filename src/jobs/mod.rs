@@ -2,3 +2,4 @@
 //! engine (as background work), so the engine itself knows nothing of SQLite.
 
 pub mod calibration;
+pub mod evaluation;
