@@ -111,26 +111,12 @@ fn bad(param: &str, message: String) -> ApiError {
 pub async fn evaluate(State(state): State<AppState>, ApiJson(body): ApiJson<EvaluateIn>) -> Result<Response, ApiError> {
     let admin = admin(&state)?;
     let loaded = state.engine.ready()?;
-    let layers = loaded.info.layers;
-    let budgets = check_budgets(&body.budgets)?;
-    let methods = check_methods(body.methods.as_deref())?;
-    let max_new_tokens = body.max_new_tokens.unwrap_or(DEFAULT_NEW_TOKENS);
-    if !(1..=MAX_NEW_TOKENS).contains(&max_new_tokens) {
-        return Err(bad("max_new_tokens", format!("{max_new_tokens} is not in [1, {MAX_NEW_TOKENS}]")));
-    }
-    let seed = body.seed.unwrap_or(0);
-    if seed > i64::MAX as u64 {
-        return Err(bad("seed", format!("{seed} is larger than {}", i64::MAX)));
-    }
-    let fastv_layer = body.fastv_layer.map_or(FastVHook::default_layer(layers), |l| l as usize);
-    if fastv_layer >= layers {
-        return Err(bad("fastv_layer", format!("{fastv_layer} is past the decoder's {layers} layers")));
-    }
+    let Options { budgets, methods, max_new_tokens, seed, fastv_layer } = check_options(&body, loaded.info.layers)?;
     let candidates = candidate_recipes(&state, admin, &loaded, body.recipe_ids.as_deref()).await?;
     let (planned, missing) = match_budgets(&budgets, &candidates);
     if let Some(b) = missing.first() {
         let i = body.budgets.iter().position(|x| x == b).unwrap_or(0);
-        let which = if body.recipe_ids.is_some() { "among recipe_ids" } else { "stored for the loaded model" };
+        let which = if body.recipe_ids.is_some() { "among recipe_ids" } else { "available for the loaded model" };
         return Err(ApiError::bad_request(
             Some(&format!("budgets[{i}]")),
             ErrorCode::NoRecipe,
@@ -188,6 +174,34 @@ pub async fn evaluate(State(state): State<AppState>, ApiJson(body): ApiJson<Eval
     let location = format!("/admin/evaluations/{id}");
     Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(json!({"id": id, "status": "queued"})))
         .into_response())
+}
+
+/// The checked scalar options of a request, defaults applied.
+struct Options {
+    budgets: Vec<f64>,
+    methods: Vec<Method>,
+    max_new_tokens: u64,
+    seed: u64,
+    fastv_layer: usize,
+}
+
+/// Budgets, methods, answer length, seed and FastV layer (for a decoder of `layers` layers).
+fn check_options(body: &EvaluateIn, layers: usize) -> Result<Options, ApiError> {
+    let budgets = check_budgets(&body.budgets)?;
+    let methods = check_methods(body.methods.as_deref())?;
+    let max_new_tokens = body.max_new_tokens.unwrap_or(DEFAULT_NEW_TOKENS);
+    if !(1..=MAX_NEW_TOKENS).contains(&max_new_tokens) {
+        return Err(bad("max_new_tokens", format!("{max_new_tokens} is not in [1, {MAX_NEW_TOKENS}]")));
+    }
+    let seed = body.seed.unwrap_or(0);
+    if seed > i64::MAX as u64 {
+        return Err(bad("seed", format!("{seed} is larger than {}", i64::MAX)));
+    }
+    let fastv_layer = body.fastv_layer.map_or(FastVHook::default_layer(layers), |l| l as usize);
+    if fastv_layer >= layers {
+        return Err(bad("fastv_layer", format!("{fastv_layer} is past the decoder's {layers} layers")));
+    }
+    Ok(Options { budgets, methods, max_new_tokens, seed, fastv_layer })
 }
 
 /// The budgets in [0, 1) (0 = the unpruned row), duplicates dropped, at most [`MAX_BUDGETS`].
