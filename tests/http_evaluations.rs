@@ -8,10 +8,11 @@ mod http_common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use fitprune::eval::recipes::load_images;
+use fitprune::eval::recipes::{calibrate_recipes, load_images, match_budgets};
 use fitprune::eval::{evaluate, load_eval_dataset, EvalPlan, EvalReport, Method, Quiet};
 use fitprune::model::llava::LoadOptions;
 use fitprune::model::LlavaModel;
+use fitprune::pruning::calibrate::Silent;
 use fitprune::pruning::Recipe;
 use http_common::{args_for, assert_error, data_url, start_with, TestServer};
 use reqwest::{Method as Http, StatusCode};
@@ -57,6 +58,14 @@ fn data_root(dir: &Path, range: std::ops::Range<usize>) -> PathBuf {
     }
     std::fs::write(root.join("set/set.jsonl"), jsonl).unwrap();
     std::fs::write(dir.join("outside.jsonl"), "{}\n").unwrap();
+    // The committed calibration subset, as `calib/calib.jsonl` with `calib/images/`.
+    std::fs::create_dir_all(root.join("calib/images")).unwrap();
+    let calib = trained().join("calib");
+    std::fs::copy(calib.join("calib.jsonl"), root.join("calib/calib.jsonl")).unwrap();
+    for entry in std::fs::read_dir(calib.join("images")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), root.join("calib/images").join(entry.file_name())).unwrap();
+    }
     root
 }
 
@@ -209,6 +218,41 @@ async fn inline_and_dataset_evaluations_match_the_shared_runner() {
     both.sort();
     assert_eq!(ids, both);
     assert_eq!(rest["has_more"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipes_fitted_on_a_calibration_dataset_are_the_cli_calibrations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = data_root(tmp.path(), 0..1);
+    let s = server(tmp.path(), &["--calibration-data-dir", root.to_str().unwrap()]).await;
+    // No stored recipes: the budgets are realised by calibrating on the spot.
+    let body = json!({"budgets": [0, 0.5], "methods": ["fitprune", "fastv"], "samples": inline(0..4),
+        "max_new_tokens": 6, "seed": 3, "calibration_dataset": {"path": "calib/calib.jsonl"}});
+    let id = post_eval(&s, &body).await;
+    let job = wait_eval(&s, &id, &["succeeded", "failed", "cancelled"]).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+
+    let model = LlavaModel::load(&trained().join("model"), LoadOptions::default()).unwrap();
+    let calib = load_eval_dataset(&trained().join("calib/calib.jsonl"), &trained().join("calib"), None).unwrap();
+    let fitted = calibrate_recipes(&model, &calib, &[0.0, 0.5], "test", &mut Silent).unwrap();
+    let (planned, missing) = match_budgets(&[0.0, 0.5], &fitted);
+    assert!(missing.is_empty());
+    let methods = [Method::Fitprune, Method::Fastv];
+    let want = direct(0..4, &planned, &methods);
+    // Fitted recipes are not stored: rows name the recipe but no id.
+    assert_rows_match(&job, &want, &[None, None], &methods);
+    assert_eq!(job["rows"][2]["recipe"], "fitprune-50", "{job}");
+    let (_, recipes) = admin(&s, Http::GET, "/admin/recipes", None).await;
+    assert_eq!(recipes["data"].as_array().unwrap().len(), 0, "nothing stored");
+
+    let both = json!({"budgets": [0.5], "samples": inline(0..1), "recipe_ids": ["x"],
+        "calibration_dataset": {"path": "calib/calib.jsonl"}});
+    let (status, err) = admin(&s, Http::POST, "/admin/evaluations", Some(&both)).await;
+    assert_error(status, &err, 400, Some("calibration_dataset"));
+    let outside =
+        json!({"budgets": [0.5], "samples": inline(0..1), "calibration_dataset": {"path": "../outside.jsonl"}});
+    let (status, err) = admin(&s, Http::POST, "/admin/evaluations", Some(&outside)).await;
+    assert_eq!(assert_error(status, &err, 400, Some("calibration_dataset.path"))["code"], "dataset_unreadable");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,7 @@ use crate::eval::baselines::FastVHook;
 use crate::eval::dataset::parse_eval_records;
 use crate::eval::recipes::match_budgets;
 use crate::eval::{AnswerKind, EvalPlan, EvalSample, Method};
-use crate::jobs::evaluation::EvaluationRequest;
+use crate::jobs::evaluation::{EvaluationRequest, SampleSet};
 use crate::protocol::ErrorCode;
 use crate::pruning::Recipe;
 use crate::store::evaluations::{self, EvalSettings, NewEvaluation};
@@ -94,6 +94,8 @@ pub struct EvaluateIn {
     #[serde(default)]
     samples: Vec<EvalSampleIn>,
     dataset: Option<EvalDatasetIn>,
+    /// Fit the budgets' recipes on this set first (labels ignored) instead of using stored ones.
+    calibration_dataset: Option<EvalDatasetIn>,
     methods: Option<Vec<String>>,
     recipe_ids: Option<Vec<String>>,
     format: Option<AnswerKind>,
@@ -112,17 +114,15 @@ pub async fn evaluate(State(state): State<AppState>, ApiJson(body): ApiJson<Eval
     let admin = admin(&state)?;
     let loaded = state.engine.ready()?;
     let Options { budgets, methods, max_new_tokens, seed, fastv_layer } = check_options(&body, loaded.info.layers)?;
-    let candidates = candidate_recipes(&state, admin, &loaded, body.recipe_ids.as_deref()).await?;
-    let (planned, missing) = match_budgets(&budgets, &candidates);
-    if let Some(b) = missing.first() {
-        let i = body.budgets.iter().position(|x| x == b).unwrap_or(0);
-        let which = if body.recipe_ids.is_some() { "among recipe_ids" } else { "available for the loaded model" };
-        return Err(ApiError::bad_request(
-            Some(&format!("budgets[{i}]")),
-            ErrorCode::NoRecipe,
-            format!("no recipe {which} has a budget at or below {b}; calibrate one (POST /admin/calibrate) first"),
-        ));
-    }
+    let planned = if body.calibration_dataset.is_some() {
+        if body.recipe_ids.is_some() {
+            return Err(bad("calibration_dataset", "give either recipe_ids or calibration_dataset, not both".into()));
+        }
+        // Recipes are fitted when the job runs.
+        budgets.iter().map(|&b| (b, None)).collect()
+    } else {
+        planned_recipes(&state, admin, &loaded, &body, &budgets).await?
+    };
     let (samples, images) = match (&body.dataset, body.samples.is_empty()) {
         (Some(_), false) => return Err(bad("dataset", "give either samples or dataset, not both".into())),
         (None, true) => return Err(bad("samples", "at least one sample (or a dataset) is required".into())),
@@ -130,13 +130,19 @@ pub async fn evaluate(State(state): State<AppState>, ApiJson(body): ApiJson<Eval
         (Some(d), true) => {
             let root = admin.data_root.clone().ok_or_else(|| dataset_error("dataset", "", DataRootError::Disabled))?;
             let limits = state.fetcher.limits().clone();
-            let path = PathBuf::from(&d.path);
-            let image_dir = d.image_dir.as_ref().map_or_else(|| parent_of(&path), PathBuf::from);
-            let format = body.format;
-            // File reads block (and a slow disk must not stall the async workers).
-            tokio::task::spawn_blocking(move || dataset_samples(&root, &path, &image_dir, format, &limits))
-                .await
-                .map_err(|e| ApiError::Internal(format!("reading the dataset panicked: {e}")))??
+            read_dataset(root, "dataset", d, body.format, limits).await?
+        }
+    };
+    let calibration = match &body.calibration_dataset {
+        None => None,
+        Some(d) => {
+            let root = admin
+                .data_root
+                .clone()
+                .ok_or_else(|| dataset_error("calibration_dataset", "", DataRootError::Disabled))?;
+            let (samples, images) =
+                read_dataset(root, "calibration_dataset", d, None, state.fetcher.limits().clone()).await?;
+            Some(SampleSet { samples, images })
         }
     };
     let settings = EvalSettings {
@@ -161,7 +167,7 @@ pub async fn evaluate(State(state): State<AppState>, ApiJson(body): ApiJson<Eval
     };
     evaluations::create(admin.pool(), &row).await.map_err(ApiError::internal)?;
     let plan = EvalPlan { methods, budgets: planned, max_tokens: max_new_tokens as usize, seed, fastv_layer };
-    let req = EvaluationRequest { job_id: id.clone(), samples, images, plan };
+    let req = EvaluationRequest { job_id: id.clone(), samples: SampleSet { samples, images }, calibration, plan };
     if !admin.evaluations.submit(req) {
         evaluations::finish(admin.pool(), &id, JobStatus::Failed, Some("evaluation thread stopped"), &now)
             .await
@@ -241,6 +247,32 @@ fn check_methods(names: Option<&[String]>) -> Result<Vec<Method>, ApiError> {
         }
     }
     Ok(out)
+}
+
+/// Each budget with the recipe that realises it, from `recipe_ids` or the recipes chat requests
+/// select from; a budget with none is a 400.
+async fn planned_recipes(
+    state: &AppState,
+    admin: &AdminState,
+    loaded: &LoadedModel,
+    body: &EvaluateIn,
+    budgets: &[f64],
+) -> Result<Vec<(f64, Option<Recipe>)>, ApiError> {
+    let candidates = candidate_recipes(state, admin, loaded, body.recipe_ids.as_deref()).await?;
+    let (planned, missing) = match_budgets(budgets, &candidates);
+    if let Some(b) = missing.first() {
+        let i = body.budgets.iter().position(|x| x == b).unwrap_or(0);
+        let which = if body.recipe_ids.is_some() { "among recipe_ids" } else { "available for the loaded model" };
+        return Err(ApiError::bad_request(
+            Some(&format!("budgets[{i}]")),
+            ErrorCode::NoRecipe,
+            format!(
+                "no recipe {which} has a budget at or below {b}; calibrate one (POST /admin/calibrate) first, \
+                 or give a calibration_dataset"
+            ),
+        ));
+    }
+    Ok(planned)
 }
 
 /// The recipes budgets may use: those named (each must exist and fit the loaded model), else
@@ -334,17 +366,35 @@ async fn inline_samples(
     Ok((out, images))
 }
 
+/// Reads the dataset `d` (the request field `field`) off the async workers: file reads block,
+/// and a slow disk must not stall them.
+async fn read_dataset(
+    root: DataRoot,
+    field: &'static str,
+    d: &EvalDatasetIn,
+    format: Option<AnswerKind>,
+    limits: ImageLimits,
+) -> Result<(Vec<EvalSample>, Vec<image::DynamicImage>), ApiError> {
+    let path = PathBuf::from(&d.path);
+    let image_dir = d.image_dir.as_ref().map_or_else(|| parent_of(&path), PathBuf::from);
+    tokio::task::spawn_blocking(move || dataset_samples(&root, field, &path, &image_dir, format, &limits))
+        .await
+        .map_err(|e| ApiError::Internal(format!("reading the dataset panicked: {e}")))?
+}
+
 /// Reads a dataset and its images from the data root (blocking). Lines are parsed and counted
 /// before any image is read, and each image's decoded size is checked from its header first.
 fn dataset_samples(
     root: &DataRoot,
+    field: &str,
     path: &Path,
     image_dir: &Path,
     format: Option<AnswerKind>,
     limits: &ImageLimits,
 ) -> Result<(Vec<EvalSample>, Vec<image::DynamicImage>), ApiError> {
-    let invalid = |m: String| ApiError::bad_request(Some("dataset.path"), ErrorCode::InvalidDataset, m);
-    let bytes = root.read(path, MAX_DATASET_FILE_BYTES).map_err(|e| dataset_error("dataset.path", "", e))?;
+    let (path_param, dir_param) = (format!("{field}.path"), format!("{field}.image_dir"));
+    let invalid = |m: String| ApiError::bad_request(Some(&path_param), ErrorCode::InvalidDataset, m);
+    let bytes = root.read(path, MAX_DATASET_FILE_BYTES).map_err(|e| dataset_error(&path_param, "", e))?;
     let text = String::from_utf8(bytes).map_err(|_| invalid("the dataset file is not UTF-8 text".into()))?;
     let records = parse_eval_records(&text, format).map_err(|e| invalid(e.to_string()))?;
     if records.len() > MAX_DATASET_SAMPLES {
@@ -353,10 +403,10 @@ fn dataset_samples(
     let mut budget = JobImages::default();
     let (mut samples, mut images) = (Vec::with_capacity(records.len()), Vec::with_capacity(records.len()));
     for (line, sample) in records {
-        let param = format!("dataset line {line}: image");
+        let param = format!("{field} line {line}: image");
         let bytes = root
             .read(&image_dir.join(&sample.image), limits.max_bytes as u64)
-            .map_err(|e| dataset_error("dataset.image_dir", &format!("dataset line {line}: image "), e))?;
+            .map_err(|e| dataset_error(&dir_param, &format!("{field} line {line}: image "), e))?;
         budget.admit(&inspect(&bytes, &param, limits)?, &param)?;
         images.push(decode(&bytes, &param, limits)?);
         samples.push(sample);
