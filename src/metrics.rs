@@ -68,6 +68,10 @@ pub struct Metrics {
     pub calibration_jobs: IntCounterVec,
     /// Wall time of finished calibration jobs.
     pub calibration_duration: Histogram,
+    /// Evaluation jobs (`POST /admin/evaluations`) by final `status`.
+    pub evaluation_jobs: IntCounterVec,
+    /// Wall time of finished evaluation jobs.
+    pub evaluation_duration: Histogram,
     /// Recipes in the store.
     pub recipes_stored: IntGauge,
     /// Engine scheduling and KV-cache series (see [`EngineMetrics`]).
@@ -172,6 +176,11 @@ impl Metrics {
             &["status"],
         )?;
         registry.register(Box::new(calibration_jobs.clone()))?;
+        let evaluation_jobs = IntCounterVec::new(
+            Opts::new("fitprune_evaluation_jobs_total", "Evaluation jobs by final status"),
+            &["status"],
+        )?;
+        registry.register(Box::new(evaluation_jobs.clone()))?;
         let model_info = IntGaugeVec::new(
             Opts::new("fitprune_model_info", "The loaded model (value 1)"),
             &["model", "device", "dtype"],
@@ -270,6 +279,12 @@ impl Metrics {
                 "Wall time of finished calibration jobs",
                 CALIBRATION_BUCKETS,
             )?,
+            evaluation_jobs,
+            evaluation_duration: histogram(
+                "fitprune_evaluation_duration_seconds",
+                "Wall time of finished evaluation jobs",
+                CALIBRATION_BUCKETS,
+            )?,
             recipes_stored: gauge("fitprune_recipes_stored", "Recipes in the store")?,
             engine,
             fidelity,
@@ -288,6 +303,7 @@ impl Metrics {
         }
         for status in ["succeeded", "failed", "cancelled"] {
             self.calibration_jobs.with_label_values(&[status]);
+            self.evaluation_jobs.with_label_values(&[status]);
         }
         for pruned in ["true", "false"] {
             self.prefill_duration.with_label_values(&[pruned]);

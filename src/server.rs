@@ -17,6 +17,7 @@ use crate::config::ServerConfig;
 use crate::engine::recipes::{FileRecipes, RecipeSource};
 use crate::engine::{Engine, EngineState, LoadedModel};
 use crate::jobs::calibration::CalibrationJobs;
+use crate::jobs::evaluation::EvaluationJobs;
 use crate::jobs::recipe_source::DbRecipes;
 use crate::metrics::Metrics;
 use crate::model::llava::LoadOptions;
@@ -26,7 +27,8 @@ use crate::validation::images::ImageFetcher;
 use crate::validation::ValidationSettings;
 
 /// Builds the application state: opens the store (failing jobs a previous process left
-/// unfinished), starts the engine thread (which loads the model) and the calibration thread.
+/// unfinished), starts the engine thread (which loads the model) and the calibration and
+/// evaluation threads.
 pub async fn start(cfg: &ServerConfig) -> anyhow::Result<(AppState, JoinHandle<()>, Arc<FileRecipes>)> {
     let metrics = Metrics::new()?;
     let recipes = Arc::new(match &cfg.recipes {
@@ -64,13 +66,20 @@ pub async fn start(cfg: &ServerConfig) -> anyhow::Result<(AppState, JoinHandle<(
         // Counted like any other failure, so the calibration-failed alert fires for them.
         metrics.calibration_jobs.with_label_values(&["failed"]).inc_by(interrupted);
     }
+    let interrupted = store::evaluations::fail_interrupted(&pool, &now).await?;
+    if interrupted > 0 {
+        warn!(jobs = interrupted, "evaluation jobs left unfinished by a previous process were marked failed");
+        metrics.evaluation_jobs.with_label_values(&["failed"]).inc_by(interrupted);
+    }
     metrics.recipes_stored.set(store::recipes::count(&pool).await?);
     let db = Arc::new(DbRecipes::new(pool.clone()).with_file(recipes.clone()));
+    let evaluations = EvaluationJobs::start(pool.clone(), engine.clone(), metrics.clone())?;
     let jobs = CalibrationJobs::start(pool, engine.clone(), db.clone(), metrics.clone(), cfg.calibration_cache_bytes)?;
     let admin = AdminState {
         token: cfg.admin_token.clone(),
         recipes: db.clone(),
         jobs,
+        evaluations,
         data_root: cfg.calibration_data_root.clone(),
     };
     let source: Arc<dyn RecipeSource> = db;
@@ -107,7 +116,7 @@ pub async fn serve(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let engine = state.engine.clone();
-    let jobs = state.admin.as_ref().map(|a| a.jobs.clone());
+    let jobs = state.admin.as_ref().map(|a| (a.jobs.clone(), a.evaluations.clone()));
     let pool = state.admin.as_ref().map(|a| a.recipes.pool().clone());
     let (signalled_tx, mut signalled_rx) = tokio::sync::watch::channel(false);
     let drain_engine = engine.clone();
@@ -135,8 +144,12 @@ pub async fn serve(
     let joined = tokio::task::spawn_blocking(move || worker.join()).await;
     // The engine no longer runs layer evaluations, so a job in flight ends now; wait until its
     // end is recorded, then close the pool.
-    if let Some(jobs) = jobs {
-        tokio::task::spawn_blocking(move || jobs.stop_and_join()).await?;
+    if let Some((calibrations, evaluations)) = jobs {
+        tokio::task::spawn_blocking(move || {
+            calibrations.stop_and_join();
+            evaluations.stop_and_join();
+        })
+        .await?;
     }
     // Closed even if the engine thread panicked: a clean database matters more than the order
     // of error reports.

@@ -180,3 +180,30 @@ fn cli_demo_writes_table_json_csv_and_plot() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("budgets must lie in [0, 1)"));
 }
+
+#[test]
+fn cli_demo_finds_fixtures_by_flag_or_env_and_says_where_it_looked() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], env: Option<&Path>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fitprune"));
+        cmd.current_dir(elsewhere.path()).env_remove("FITPRUNE_DEMO_DIR").arg("eval").arg("--demo").args(args);
+        if let Some(dir) = env {
+            cmd.env("FITPRUNE_DEMO_DIR", dir);
+        }
+        cmd.args(["--budgets", "0", "--max-samples", "2", "--method", "fitprune"]).output().unwrap()
+    };
+    // Budget 0 alone needs no recipes, so these runs are two unpruned samples each.
+    let by_flag = run(&["--demo-dir", root().to_str().unwrap()], None);
+    assert!(by_flag.status.success(), "{}", String::from_utf8_lossy(&by_flag.stderr));
+    let by_env = run(&[], Some(&root()));
+    assert!(by_env.status.success(), "{}", String::from_utf8_lossy(&by_env.stderr));
+    for out in [&by_flag, &by_env] {
+        assert!(String::from_utf8_lossy(&out.stdout).contains("fitprune"), "{}", String::from_utf8_lossy(&out.stdout));
+    }
+
+    let missing = elsewhere.path().join("nope");
+    let bad = run(&["--demo-dir", missing.to_str().unwrap()], None);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("--demo-dir") && err.contains("nope") && err.contains("FITPRUNE_DEMO_DIR"), "{err}");
+}

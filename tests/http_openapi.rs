@@ -47,6 +47,7 @@ async fn served_routes_and_the_document_agree() {
         {"image": http_common::data_url(&http_common::png(32, 32)), "prompt": "hi"}]}),
     )
     .await;
+    let eval_id = admin_post(&app, "/admin/evaluations", one_sample_evaluation()).await;
     // Reads first, deletes last, so each `{id}` still exists when it is read.
     let mut ordered: Vec<&(String, String)> = served.iter().collect();
     ordered.sort_by_key(|(m, _)| match m.as_str() {
@@ -55,12 +56,19 @@ async fn served_routes_and_the_document_agree() {
         _ => 2,
     });
     for (method, path) in ordered {
-        let id = if path.starts_with("/admin/jobs/") { &job_id } else { &recipe_id };
+        let id = if path.starts_with("/admin/jobs/") {
+            &job_id
+        } else if path.starts_with("/admin/evaluations/") {
+            &eval_id
+        } else {
+            &recipe_id
+        };
         let uri = path.replace("{model}", "demo").replace("{id}", id);
         let body = match (method.as_str(), path.as_str()) {
             ("POST", "/admin/calibrate") => json!({"budgets": [0.5], "samples": [
                 {"image": http_common::data_url(&http_common::png(32, 32)), "prompt": "hi"}]}),
             ("POST", "/admin/recipes") => json!({"deletions": [1, 0, 0, 0]}),
+            ("POST", "/admin/evaluations") => one_sample_evaluation(),
             ("POST", _) => short_request(),
             _ => Value::Null,
         };
@@ -73,8 +81,9 @@ async fn served_routes_and_the_document_agree() {
             .body(body)
             .unwrap();
         let resp = app.clone().oneshot(req).await.unwrap();
-        // Deleting the job may race with it finishing (400 job_finished): still routed.
-        let routed = resp.status().is_success() || (method == "DELETE" && path == "/admin/jobs/{id}");
+        // Cancelling a job may race with it finishing (400 job_finished): still routed.
+        let cancel = path == "/admin/jobs/{id}" || path == "/admin/evaluations/{id}";
+        let routed = resp.status().is_success() || (method == "DELETE" && cancel);
         assert!(routed, "{method} {uri}: {}", resp.status());
     }
     // And an undocumented path is not.
@@ -86,6 +95,12 @@ async fn served_routes_and_the_document_agree() {
     let expected: BTreeSet<String> =
         ["200", "400", "401", "404", "413", "422", "429", "500", "503"].iter().map(|s| s.to_string()).collect();
     assert_eq!(statuses, expected);
+}
+
+/// An unpruned evaluation of one sample (needs no recipe).
+fn one_sample_evaluation() -> Value {
+    json!({"budgets": [0], "max_new_tokens": 2, "samples": [
+        {"image": http_common::data_url(&http_common::png(32, 32)), "prompt": "hi", "answer": "yes"}]})
 }
 
 fn short_request() -> Value {
@@ -231,7 +246,27 @@ async fn admin_lists_match_the_document() {
     let server = start(&["--admin-token", "t"]).await;
     let app = fitprune::build_app(server.state.clone());
     admin_post(&app, "/admin/recipes", json!({"deletions": [2, 0, 0, 0]})).await;
-    for (uri, schema) in [("/admin/recipes?limit=1", "RecipeList"), ("/admin/jobs", "JobList")] {
+    // A finished evaluation, so its rows are checked too.
+    let eval_id = admin_post(&app, "/admin/evaluations", one_sample_evaluation()).await;
+    let uri = format!("/admin/evaluations/{eval_id}");
+    let mut done = false;
+    for _ in 0..2000 {
+        let req = Request::builder().uri(&uri).header("authorization", "Bearer t").body(Body::empty()).unwrap();
+        let bytes = axum::body::to_bytes(app.clone().oneshot(req).await.unwrap().into_body(), 1 << 20).await.unwrap();
+        let job: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_matches(&doc, "Evaluation", &job);
+        if job["status"] == "succeeded" {
+            assert_eq!(job["rows"].as_array().unwrap().len(), 3, "{job}");
+            done = true;
+            break;
+        }
+        assert!(job["status"] == "queued" || job["status"] == "running", "{job}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(done, "the evaluation did not finish");
+    for (uri, schema) in
+        [("/admin/recipes?limit=1", "RecipeList"), ("/admin/jobs", "JobList"), ("/admin/evaluations", "EvaluationList")]
+    {
         let req = Request::builder().uri(uri).header("authorization", "Bearer t").body(Body::empty()).unwrap();
         let resp = app.clone().oneshot(req).await.unwrap();
         assert_eq!(resp.status(), 200, "{uri}");

@@ -1,5 +1,5 @@
 //! Admin API (Bearer token): calibration jobs and the recipe store (`POST /admin/calibrate` is
-//! in [`super::calibrate`]).
+//! in [`super::calibrate`]; evaluation jobs in [`super::evaluate`] and [`super::evaluations`]).
 //!
 //! Handlers only validate, call the store or the calibration thread, and answer; calibration
 //! itself runs in `jobs::calibration`. Lists are paginated the OpenAI way: `limit` (1..=100,
@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::jobs::calibration::CalibrationJobs;
+use crate::jobs::evaluation::EvaluationJobs;
 use crate::jobs::recipe_source::DbRecipes;
 use crate::protocol::ErrorCode;
 use crate::pruning::recipe::{authors_scheme, authors_scheme_names, ModelShape};
@@ -42,6 +43,8 @@ pub struct AdminState {
     pub recipes: Arc<DbRecipes>,
     /// The calibration thread.
     pub jobs: CalibrationJobs,
+    /// The evaluation thread.
+    pub evaluations: EvaluationJobs,
     /// Where datasets may be read from (`--calibration-data-dir`); `None` refuses dataset input.
     pub data_root: Option<DataRoot>,
 }
@@ -59,8 +62,8 @@ pub(super) fn admin(state: &AppState) -> Result<&Arc<AdminState>, ApiError> {
 /// `limit` and `after` of a list request.
 #[derive(Debug, Deserialize)]
 pub struct ListParams {
-    limit: Option<i64>,
-    after: Option<String>,
+    pub(super) limit: Option<i64>,
+    pub(super) after: Option<String>,
 }
 
 /// An OpenAI-style list page.
@@ -74,7 +77,7 @@ pub struct ListPage<T> {
 }
 
 impl<T> ListPage<T> {
-    fn new(page: Page<T>, id: impl Fn(&T) -> &str) -> Self {
+    pub(super) fn new(page: Page<T>, id: impl Fn(&T) -> &str) -> Self {
         let first_id = page.data.first().map(|t| id(t).to_string());
         let last_id = page.data.last().map(|t| id(t).to_string());
         Self { object: "list", data: page.data, first_id, last_id, has_more: page.has_more }
@@ -82,11 +85,11 @@ impl<T> ListPage<T> {
 }
 
 /// Query strings that do not parse answer in the OpenAI error shape, not axum's plain text.
-fn query_error(e: QueryRejection) -> ApiError {
+pub(super) fn query_error(e: QueryRejection) -> ApiError {
     ApiError::bad_request(None, ErrorCode::InvalidType, format!("invalid query string: {}", e.body_text()))
 }
 
-fn page_size(limit: Option<i64>) -> Result<usize, ApiError> {
+pub(super) fn page_size(limit: Option<i64>) -> Result<usize, ApiError> {
     match limit {
         None => Ok(DEFAULT_PAGE),
         Some(n) if (1..=MAX_PAGE as i64).contains(&n) => Ok(n as usize),
@@ -98,7 +101,7 @@ fn page_size(limit: Option<i64>) -> Result<usize, ApiError> {
     }
 }
 
-fn store_error(e: StoreError) -> ApiError {
+pub(super) fn store_error(e: StoreError) -> ApiError {
     match e {
         StoreError::UnknownCursor(id) => ApiError::bad_request(
             Some("after"),
@@ -255,6 +258,6 @@ pub async fn import_recipe(
     Ok((StatusCode::CREATED, Json(recipe)).into_response())
 }
 
-fn not_found(code: ErrorCode, what: &str, id: &str) -> ApiError {
+pub(super) fn not_found(code: ErrorCode, what: &str, id: &str) -> ApiError {
     ApiError::NotFound { message: format!("no {what} {id:?}"), param: Some("id".into()), code }
 }

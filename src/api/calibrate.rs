@@ -145,15 +145,16 @@ fn check_budgets(budgets: &[f64]) -> Result<Vec<f64>, ApiError> {
     Ok(unique)
 }
 
-/// Decoded image bytes of one job so far, against [`MAX_JOB_IMAGE_BYTES`].
+/// Decoded image bytes of one job (calibration or evaluation) so far, against
+/// [`MAX_JOB_IMAGE_BYTES`].
 #[derive(Default)]
-struct JobImages {
+pub(super) struct JobImages {
     decoded: u64,
 }
 
 impl JobImages {
     /// Adds an image by its header (before decoding it) or refuses it.
-    fn admit(&mut self, header: &Header, param: &str) -> Result<(), ApiError> {
+    pub(super) fn admit(&mut self, header: &Header, param: &str) -> Result<(), ApiError> {
         self.decoded += header.decoded_bytes;
         if self.decoded > MAX_JOB_IMAGE_BYTES {
             return Err(ApiError::bad_request(
@@ -232,7 +233,7 @@ fn dataset_samples(
 }
 
 /// A data-root refusal as a 400 naming the field.
-fn dataset_error(param: &str, prefix: &str, e: DataRootError) -> ApiError {
+pub(super) fn dataset_error(param: &str, prefix: &str, e: DataRootError) -> ApiError {
     let code = match e {
         DataRootError::Disabled => ErrorCode::DatasetDisabled,
         DataRootError::NotAllowed { .. } => ErrorCode::DatasetUnreadable,

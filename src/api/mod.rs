@@ -5,6 +5,8 @@ pub mod admin;
 pub mod auth;
 pub mod calibrate;
 pub mod error;
+pub mod evaluate;
+pub mod evaluations;
 pub mod extract;
 pub mod health;
 pub mod metrics;
@@ -42,6 +44,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin/jobs"),
     ("GET", "/admin/jobs/{id}"),
     ("DELETE", "/admin/jobs/{id}"),
+    ("POST", "/admin/evaluations"),
+    ("GET", "/admin/evaluations"),
+    ("GET", "/admin/evaluations/{id}"),
+    ("DELETE", "/admin/evaluations/{id}"),
     ("GET", "/admin/recipes"),
     ("POST", "/admin/recipes"),
     ("GET", "/admin/recipes/{id}"),
@@ -77,7 +83,8 @@ pub struct AppState {
     pub fetcher: ImageFetcher,
     /// Settings.
     pub settings: Arc<ApiSettings>,
-    /// Admin API state (store, calibration thread, token); `None` answers 403 on /admin.
+    /// Admin API state (store, calibration and evaluation threads, token); `None` answers 403
+    /// on /admin.
     pub admin: Option<Arc<admin::AdminState>>,
 }
 
@@ -92,6 +99,8 @@ pub fn build_app(state: AppState) -> Router {
         .route("/admin/calibrate", post(calibrate::calibrate))
         .route("/admin/jobs", get(admin::list_jobs))
         .route("/admin/jobs/{id}", get(admin::get_job).delete(admin::cancel_job))
+        .route("/admin/evaluations", get(evaluations::list_evaluations).post(evaluate::evaluate))
+        .route("/admin/evaluations/{id}", get(evaluations::get_evaluation).delete(evaluations::cancel_evaluation))
         .route("/admin/recipes", get(admin::list_recipes).post(admin::import_recipe))
         .route("/admin/recipes/{id}", get(admin::get_recipe).delete(admin::delete_recipe))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin_token));

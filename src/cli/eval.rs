@@ -26,6 +26,11 @@ pub struct EvalArgs {
     /// (tests/fixtures/trained-demo); other inputs are then optional overrides.
     #[arg(long)]
     demo: bool,
+    /// Where `--demo` finds those fixtures (a copy of tests/fixtures/trained-demo; ignored
+    /// without `--demo`). Default: the first of <exe dir>/../share/fitprune/trained-demo,
+    /// ./tests/fixtures/trained-demo and the source tree the binary was built from.
+    #[arg(long, env = "FITPRUNE_DEMO_DIR")]
+    demo_dir: Option<PathBuf>,
     /// Model directory or hub id.
     #[arg(long, env = "FITPRUNE_MODEL")]
     model: Option<String>,
@@ -85,9 +90,46 @@ pub struct EvalArgs {
     dtype: String,
 }
 
-/// The committed trained demo: model, held-out set and calibration subset.
-pub fn demo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trained-demo")
+/// Where the trained demo's fixtures are looked for when `--demo-dir` is not given, in order:
+/// an installed layout next to the binary, the working directory's source tree, and the source
+/// tree the binary was built from (which `cargo run` and the tests use; an installed binary,
+/// e.g. in a container, usually lacks it).
+fn demo_candidates() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(bin_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        out.push(bin_dir.join("../share/fitprune/trained-demo"));
+    }
+    out.push(PathBuf::from("tests/fixtures/trained-demo"));
+    out.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trained-demo"));
+    out
+}
+
+/// Whether `dir` holds the trained demo: a model, a held-out set and a calibration subset.
+fn is_demo_dir(dir: &Path) -> bool {
+    ["model/config.json", "eval/eval.jsonl", "calib/calib.jsonl"].iter().all(|f| dir.join(f).is_file())
+}
+
+/// The trained demo's fixtures: `given` (`--demo-dir` / `FITPRUNE_DEMO_DIR`), else the first
+/// [`demo_candidates`] entry that holds them; an error names every place looked at.
+pub fn demo_root(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let hint = "copy tests/fixtures/trained-demo from the fitprune source tree and pass --demo-dir DIR \
+                (or set FITPRUNE_DEMO_DIR)";
+    if let Some(dir) = given {
+        if is_demo_dir(dir) {
+            return Ok(dir.to_path_buf());
+        }
+        bail!(
+            "--demo-dir {}: not the trained demo's fixtures (model/config.json, eval/eval.jsonl and \
+             calib/calib.jsonl expected); {hint}",
+            dir.display()
+        );
+    }
+    let candidates = demo_candidates();
+    if let Some(dir) = candidates.iter().find(|d| is_demo_dir(d)) {
+        return Ok(dir.clone());
+    }
+    let looked: Vec<String> = candidates.iter().map(|d| d.display().to_string()).collect();
+    bail!("--demo: the trained demo's fixtures are not in any of {}; {hint}", looked.join(", "))
 }
 
 struct Bar(ProgressBar);
@@ -123,10 +165,7 @@ fn parent_of(path: &Path) -> PathBuf {
 
 pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
     if args.demo {
-        let root = demo_root();
-        if !root.is_dir() {
-            bail!("--demo needs the fixtures of the source tree: {} is missing", root.display());
-        }
+        let root = demo_root(args.demo_dir.as_deref())?;
         args.model.get_or_insert_with(|| root.join("model").display().to_string());
         args.dataset.get_or_insert_with(|| root.join("eval/eval.jsonl"));
         if args.recipe.is_none() && args.database_url.is_none() {

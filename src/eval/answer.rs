@@ -2,13 +2,15 @@
 //! multiple choice (a letter, ScienceQA/MMBench style) and short-answer VQA (the VQAv2 / GQA
 //! normalisation: lowercase, punctuation and articles stripped, number words as digits).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How a sample's answer is read and compared with its label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum AnswerKind {
     /// POPE: the answer is "yes" unless it says no/not (the POPE evaluation script's rule).
+    // The CLI spells it yes-no; the admin API takes that spelling too.
+    #[serde(alias = "yes-no")]
     YesNo,
     /// The first option letter (A-Z) the answer names, e.g. "B", "(B)", "B. cat".
     Choice,

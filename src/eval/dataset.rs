@@ -50,6 +50,19 @@ pub fn parse_eval_dataset(
     image_dir: &Path,
     kind: Option<AnswerKind>,
 ) -> Result<Vec<EvalSample>, EvalError> {
+    let mut samples = parse_eval_records(jsonl, kind)?;
+    for (line, s) in &mut samples {
+        s.image = image_dir.join(&s.image);
+        if !s.image.is_file() {
+            return Err(EvalError::Dataset(format!("line {line}: image {} not found", s.image.display())));
+        }
+    }
+    Ok(samples.into_iter().map(|(_, s)| s).collect())
+}
+
+/// Parses JSONL text without touching the filesystem: each sample with its 1-based line, its
+/// `image` as written in the file (the caller resolves and reads it, e.g. inside a data root).
+pub fn parse_eval_records(jsonl: &str, kind: Option<AnswerKind>) -> Result<Vec<(usize, EvalSample)>, EvalError> {
     let mut samples = Vec::new();
     for (i, raw) in jsonl.lines().enumerate() {
         if raw.trim().is_empty() {
@@ -70,12 +83,9 @@ pub fn parse_eval_dataset(
             Some(Label::One(s)) => vec![s],
             Some(Label::Many(v)) => v,
         };
-        let image = image_dir.join(&line.image);
-        if !image.is_file() {
-            return Err(bad(format!("image {} not found", image.display())));
-        }
         let kind = kind.unwrap_or_else(|| infer_kind(&labels));
-        samples.push(EvalSample { question_id, image, text: line.text, labels, kind });
+        samples
+            .push((i + 1, EvalSample { question_id, image: PathBuf::from(line.image), text: line.text, labels, kind }));
     }
     if samples.is_empty() {
         return Err(EvalError::Dataset("the dataset has no samples".into()));

@@ -5,12 +5,14 @@
 pub mod answer;
 pub mod baselines;
 pub mod dataset;
+pub mod passes;
 pub mod recipes;
 pub mod report;
 pub mod run;
 
 pub use answer::AnswerKind;
 pub use dataset::{load_eval_dataset, parse_eval_dataset, EvalSample};
+pub use passes::Passes;
 pub use run::{evaluate, EvalObserver, EvalPlan, EvalReport, EvalRow, Method, Quiet};
 
 /// Errors of the evaluation layer.
@@ -31,6 +33,12 @@ pub enum EvalError {
     /// A model error while running passes.
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
+    /// Stopped on request (between passes).
+    #[error("cancelled")]
+    Cancelled,
+    /// The engine stopped running the passes (the server is shutting down).
+    #[error("interrupted: {0}")]
+    Interrupted(String),
     /// A tensor error.
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),

@@ -3,8 +3,9 @@
 
 use image::DynamicImage;
 
-use crate::model::LlavaModel;
+use crate::model::{LlavaModel, PreparedPrompt};
 use crate::pruning::calibrate::{calibrate, CalibrateOptions, CalibrationObserver};
+use crate::pruning::layers::LayerRunner;
 use crate::pruning::recipe::select_by_budget;
 use crate::pruning::Recipe;
 use crate::validation::ImageLimits;
@@ -35,15 +36,31 @@ pub fn calibrate_recipes(
     fingerprint: &str,
     observer: &mut dyn CalibrationObserver,
 ) -> Result<Vec<Recipe>, EvalError> {
+    if budgets.iter().all(|&b| b <= 0.0) {
+        return Ok(Vec::new());
+    }
     let images = load_images(samples)?;
     let prompts =
         samples.iter().zip(&images).map(|(s, img)| prepare_sample(model, s, img)).collect::<Result<Vec<_>, _>>()?;
+    fit_recipes(model, &prompts, budgets, fingerprint, observer)
+}
+
+/// [`calibrate_recipes`] on prepared prompts, every layer evaluation through `runner` (the
+/// model itself, or the server's engine thread for admin jobs). The recipes are not stored:
+/// their `id` is empty.
+pub fn fit_recipes(
+    runner: &dyn LayerRunner,
+    prompts: &[PreparedPrompt],
+    budgets: &[f64],
+    fingerprint: &str,
+    observer: &mut dyn CalibrationObserver,
+) -> Result<Vec<Recipe>, EvalError> {
     let positive: Vec<f64> = budgets.iter().copied().filter(|&b| b > 0.0).collect();
     if positive.is_empty() {
         return Ok(Vec::new());
     }
     let opts = CalibrateOptions { budgets: positive, ..CalibrateOptions::default() };
-    let result = calibrate(model, &prompts, &opts, observer)?;
+    let result = calibrate(runner, prompts, &opts, observer)?;
     let created_at = crate::store::now();
     Ok(result
         .budgets

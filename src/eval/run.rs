@@ -2,12 +2,11 @@
 //! with that method's hook, accumulating accuracy, agreement with the reference, first-token KL
 //! and top-1 agreement, achieved FLOPs reduction and time to first token.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use image::DynamicImage;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::model::llama::{log_softmax, DecoderHook, NoHook};
 use crate::model::prompt::{ChatMessage, ContentPart};
 use crate::model::{LlavaModel, PreparedPrompt};
 use crate::pruning::{FlopsModel, PruneHook, Recipe};
@@ -15,10 +14,11 @@ use crate::pruning::{FlopsModel, PruneHook, Recipe};
 use super::answer::{canonical, is_correct};
 use super::baselines::{FastVHook, RandomHook};
 use super::dataset::EvalSample;
+use super::passes::{answer, argmax, Answer, MethodHook, Passes};
 use super::EvalError;
 
 /// How visual tokens are chosen for deletion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// FitPrune's `cross × self` score at the recipe's layers and counts.
@@ -57,7 +57,7 @@ pub struct EvalPlan {
 }
 
 /// One row of the report: a method at a budget, averaged over samples.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EvalRow {
     /// Deletion method.
     pub method: Method,
@@ -107,17 +107,6 @@ impl EvalObserver for Quiet {
     fn progress(&mut self, _: usize, _: usize) {}
 }
 
-/// One greedy answer with what the metrics need.
-#[derive(Clone)]
-struct Answer {
-    text: String,
-    /// Log-probabilities of the first generated token, (vocab,).
-    first: Vec<f32>,
-    ttft: Duration,
-    /// Deletions applied per layer.
-    applied: Vec<usize>,
-}
-
 #[derive(Default, Clone)]
 struct Acc {
     correct: usize,
@@ -140,14 +129,16 @@ pub fn prepare_sample(
     Ok(model.prepare(&[msg], std::slice::from_ref(image))?)
 }
 
-/// Runs the plan over `samples` (`images[i]` is sample i's decoded image).
-pub fn evaluate(
-    model: &LlavaModel,
+/// Runs the plan over `samples` (`images[i]` is sample i's decoded image), every forward pass
+/// through `passes`; stops with [`EvalError::Cancelled`] when `passes` says so.
+pub fn evaluate<P: Passes + ?Sized>(
+    passes: &P,
     samples: &[EvalSample],
     images: &[DynamicImage],
     plan: &EvalPlan,
     observer: &mut dyn EvalObserver,
 ) -> Result<EvalReport, EvalError> {
+    let model = passes.model();
     if samples.len() != images.len() || samples.is_empty() {
         return Err(EvalError::Dataset(format!("{} samples but {} images", samples.len(), images.len())));
     }
@@ -166,7 +157,7 @@ pub fn evaluate(
         let n = prompt.visual_tokens();
         visual_sum += n;
         labelled += usize::from(!sample.labels.is_empty());
-        let reference = answer(model, &prompt, &mut NoHook, plan.max_tokens, vec![0; layers])?;
+        let reference = answer(passes, &prompt, MethodHook::Unpruned, plan.max_tokens)?;
         let ref_canon = canonical(sample.kind, &reference.text);
         let ref_top1 = argmax(&reference.first);
         for (b, (_, recipe)) in plan.budgets.iter().enumerate() {
@@ -174,14 +165,14 @@ pub fn evaluate(
             // (A second pass, not the reference itself: budget 0 agreeing with the reference checks
             // that passes are deterministic.)
             let shared = match recipe {
-                None => Some(answer(model, &prompt, &mut NoHook, plan.max_tokens, vec![0; layers])?),
+                None => Some(answer(passes, &prompt, MethodHook::Unpruned, plan.max_tokens)?),
                 Some(_) => None,
             };
             for (m, &method) in plan.methods.iter().enumerate() {
                 let got = match recipe {
                     Some(r) => {
                         let seed = plan.seed ^ ((i as u64) << 16) ^ (b as u64);
-                        run_method(model, &prompt, method, &r.deletions_for(n), plan, seed)?
+                        run_method(passes, &prompt, method, &r.deletions_for(n), plan, seed)?
                     }
                     None => shared.clone().ok_or_else(|| EvalError::Dataset("internal: no unpruned answer".into()))?,
                 };
@@ -220,85 +211,23 @@ pub fn evaluate(
 }
 
 /// One pruned answer with `method` at the recipe's per-layer counts `deletions`.
-fn run_method(
-    model: &LlavaModel,
+fn run_method<P: Passes + ?Sized>(
+    passes: &P,
     prompt: &PreparedPrompt,
     method: Method,
     deletions: &[usize],
     plan: &EvalPlan,
     seed: u64,
 ) -> Result<Answer, EvalError> {
-    let layers = deletions.len();
-    match method {
-        Method::Fitprune => {
-            let mut hook = PruneHook::new(deletions.to_vec(), prompt);
-            let mut a = answer(model, prompt, &mut hook, plan.max_tokens, Vec::new())?;
-            a.applied = hook.applied_deletions();
-            Ok(a)
-        }
-        Method::Random => {
-            let mut hook = RandomHook::new(deletions.to_vec(), prompt, seed);
-            let mut a = answer(model, prompt, &mut hook, plan.max_tokens, Vec::new())?;
-            a.applied = hook.applied_deletions().to_vec();
-            Ok(a)
-        }
+    let hook = match method {
+        Method::Fitprune => MethodHook::Fitprune(PruneHook::new(deletions.to_vec(), prompt)),
+        Method::Random => MethodHook::Random(Box::new(RandomHook::new(deletions.to_vec(), prompt, seed))),
         Method::Fastv => {
             let total = deletions.iter().sum();
-            let mut hook = FastVHook::new(plan.fastv_layer, total, layers, prompt);
-            let mut a = answer(model, prompt, &mut hook, plan.max_tokens, Vec::new())?;
-            a.applied = hook.applied_deletions().to_vec();
-            Ok(a)
+            MethodHook::Fastv(FastVHook::new(plan.fastv_layer, total, deletions.len(), prompt))
         }
-    }
-}
-
-/// Greedy generation up to `max_tokens` or an end-of-sequence token; the prefill (with the
-/// vision tower) is timed as the time to first token.
-fn answer(
-    model: &LlavaModel,
-    prompt: &PreparedPrompt,
-    hook: &mut dyn DecoderHook,
-    max_tokens: usize,
-    applied: Vec<usize>,
-) -> Result<Answer, EvalError> {
-    let max_pos = model.config().text_config.max_position_embeddings;
-    if prompt.input_ids.len() + max_tokens > max_pos {
-        return Err(EvalError::Dataset(format!(
-            "a prompt of {} tokens plus {max_tokens} answer tokens exceeds the context of {max_pos}",
-            prompt.input_ids.len()
-        )));
-    }
-    let eos = model.eos_ids();
-    let mut cache = model.new_cache_with_growth(max_tokens);
-    let start = Instant::now();
-    let prefill = model.prefill(prompt, &mut cache, hook)?;
-    let first = log_softmax(&prefill.logits)?.to_vec1::<f32>()?;
-    let ttft = start.elapsed();
-    let mut ids = Vec::new();
-    let mut next = argmax(&first);
-    let mut position = prompt.input_ids.len() as u32;
-    while ids.len() < max_tokens && !eos.contains(&next) {
-        ids.push(next);
-        if ids.len() == max_tokens {
-            break;
-        }
-        let logits = model.decode_batch(&[next], &[position], &mut [&mut cache])?;
-        next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
-        position += 1;
-    }
-    let text = model.tokenizer().decode(&ids, true).map_err(|e| EvalError::Tokenizer(e.to_string()))?;
-    Ok(Answer { text: text.trim().to_string(), first, ttft, applied })
-}
-
-/// Index of the largest value (the first on ties, as greedy sampling picks).
-fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in values.iter().enumerate() {
-        if *v > values[best] {
-            best = i;
-        }
-    }
-    best as u32
+    };
+    answer(passes, prompt, hook, plan.max_tokens)
 }
 
 /// KL(p ‖ q) in nats from log-probabilities, in f64.

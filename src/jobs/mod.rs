@@ -2,4 +2,5 @@
 //! engine (as background work), so the engine itself knows nothing of SQLite.
 
 pub mod calibration;
+pub mod evaluation;
 pub mod recipe_source;

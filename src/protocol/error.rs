@@ -92,7 +92,7 @@ error_codes! {
     DatasetUnreadable = "dataset_unreadable",
     /// A dataset file over its size cap.
     DatasetTooLarge = "dataset_too_large",
-    /// A calibration job whose images exceed its memory cap.
+    /// A calibration or evaluation job whose images exceed its memory cap.
     CalibrationTooLarge = "calibration_too_large",
     /// A recipe that does not fit the loaded model.
     InvalidRecipe = "invalid_recipe",
@@ -106,6 +106,10 @@ error_codes! {
     JobNotFound = "job_not_found",
     /// Unknown recipe id.
     RecipeNotFound = "recipe_not_found",
+    /// An evaluation budget that no recipe realises (none at or below it).
+    NoRecipe = "no_recipe",
+    /// Unknown evaluation id.
+    EvaluationNotFound = "evaluation_not_found",
     /// Unknown model name.
     ModelNotFound = "model_not_found",
     /// No such route.
@@ -132,6 +136,8 @@ error_codes! {
     RequestTimeout = "request_timeout",
     /// The calibration thread stopped (503).
     CalibrationStopped = "calibration_stopped",
+    /// The evaluation thread stopped (503).
+    EvaluationStopped = "evaluation_stopped",
     /// A server fault (500).
     InternalError = "internal_error",
 }

@@ -1,6 +1,7 @@
-//! SQLite persistence for recipes and calibration jobs (sqlx; migrations in `migrations/`,
-//! embedded at build time and applied on open).
+//! SQLite persistence for recipes, calibration jobs and evaluation jobs (sqlx; migrations in
+//! `migrations/`, embedded at build time and applied on open).
 
+pub mod evaluations;
 pub mod jobs;
 pub mod recipes;
 
