@@ -78,7 +78,7 @@ MODEL = data["result"][0]["metric"]["model"]
 
 # Wait until Prometheus has the server's current values of series the traffic moved last.
 SYNC = ("fitprune_generation_tokens_total", "fitprune_visual_tokens_in_total",
-        "fitprune_calibration_duration_seconds_count", 'fitprune_requests_cancelled_total{reason="client_gone"}',
+        "fitprune_calibration_duration_seconds_count", "fitprune_evaluation_duration_seconds_count", 'fitprune_requests_cancelled_total{reason="client_gone"}',
         'fitprune_requests_total{route="/admin/recipes",status="200"}')
 with urllib.request.urlopen(f"http://{INSTANCE}/metrics", timeout=10) as r:
     exposed = {}

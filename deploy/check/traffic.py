@@ -2,8 +2,8 @@
 
 Usage: traffic.py BASE_URL ADMIN_TOKEN IMAGE_PNG [PROMETHEUS_URL]
 
-Unpruned and pruned chats with a data-URL image, a calibration job polled to completion (its
-recipes make the pruned chats prune), a streamed chat dropped mid-stream (a client_gone
+Unpruned and pruned chats with a data-URL image, a calibration job and an evaluation job polled to
+completion (the calibration's recipes make the pruned chats prune), a streamed chat dropped mid-stream (a client_gone
 cancellation), and a few 4xx errors. Standard library only; every wait is bounded.
 """
 
@@ -74,6 +74,27 @@ def main():
             sys.exit(f"calibration job still {j['status']} after 120 s")
         time.sleep(0.5)
     print(f"traffic: calibration job {job['id']} succeeded ({time.time() - t0:.1f}s)", flush=True)
+
+    # 2b. An evaluation job at the budgets the calibration just fitted, polled to completion.
+    labelled = [{"image": DATA_URL, "prompt": "Is there a shape? Answer yes or no.", "answer": "yes"}]
+    status, ev = call("POST", "/admin/evaluations", {"budgets": [0, 0.5], "methods": ["fitprune", "random"],
+                                                    "samples": labelled, "max_new_tokens": 4, "name": "deploy-check"},
+                      token=TOKEN)
+    if status != 202:
+        sys.exit(f"POST /admin/evaluations answered {status}: {ev}")
+    deadline = time.time() + 120
+    while True:
+        status, e = call("GET", f"/admin/evaluations/{ev['id']}", token=TOKEN)
+        assert status == 200, e
+        if e["status"] == "succeeded":
+            break
+        if e["status"] in ("failed", "cancelled"):
+            sys.exit(f"evaluation job ended {e['status']}: {e}")
+        if time.time() > deadline:
+            sys.exit(f"evaluation job still {e['status']} after 120 s")
+        time.sleep(0.5)
+    print(f"traffic: evaluation job {ev['id']} succeeded with {len(e.get('rows') or [])} rows "
+          f"({time.time() - t0:.1f}s)", flush=True)
 
     # 3. Pruned chats (the job stored recipes for budgets 0.3 and 0.5). The first pruned prefill
     # creates the pruned="true" histogram series; Prometheus' first sample of a series is only a
