@@ -232,10 +232,26 @@ class HrModel(nn.Module):
         for k, v in self.llama.state_dict().items():
             out[k] = v
         for k, v in self.vision_tower.state_dict().items():
-            out[f"model.vision_tower.{k}"] = v
+            out[f"model.vision_tower.{published_name(k)}"] = v
         for k, v in self.mm_projector.state_dict().items():
             out[f"model.mm_projector.{k}"] = v
         return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def published_name(k):
+    """timm >= 0.9 calls a ConvNeXt block's layer scale `gamma`; the timm that LLaVA-HR vendors
+    (and so the published checkpoint) calls it `weight`."""
+    if k.startswith("slow_vision_tower.") and k.endswith(".gamma"):
+        return k[: -len("gamma")] + "weight"
+    return k
+
+
+def timm_name(k):
+    """The inverse of published_name for one `model.vision_tower.`-relative key."""
+    parts = k.split(".")
+    if k.startswith("slow_vision_tower.") and parts[-1] == "weight" and len(parts) > 2 and parts[-3] == "blocks":
+        return k[: -len("weight")] + "gamma"
+    return k
 
 
 def randomize(model, seed):
@@ -247,7 +263,7 @@ def randomize(model, seed):
             if p.ndim == 1:
                 if name.endswith("weight") and ("norm" in name or "layernorm" in name or "layrnorm" in name):
                     p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-                elif name.endswith(".weight"):  # ConvNeXt layer scale
+                elif name.endswith(".gamma") or name.endswith(".weight"):  # ConvNeXt layer scale, LayerNorm2d
                     p.copy_(0.5 + 0.2 * torch.randn(p.shape, generator=g))
                 else:
                     p.copy_(0.05 * torch.randn(p.shape, generator=g))
@@ -421,7 +437,7 @@ def main():
         state.update(torch.load(os.path.join(MODEL, file), map_location="cpu"))
     model.llama.load_state_dict({k: v for k, v in state.items() if not k.startswith("model.vision_tower.")
                                  and not k.startswith("model.mm_projector.")})
-    model.vision_tower.load_state_dict({k[len("model.vision_tower."):]: v for k, v in state.items()
+    model.vision_tower.load_state_dict({timm_name(k[len("model.vision_tower."):]): v for k, v in state.items()
                                         if k.startswith("model.vision_tower.")})
     model.mm_projector.load_state_dict({k[len("model.mm_projector."):]: v for k, v in state.items()
                                         if k.startswith("model.mm_projector.")})
