@@ -122,3 +122,14 @@ fn demo_model_writes_a_deterministic_loadable_hr_checkpoint() {
         model.prefill(&prompt, &mut model.new_cache(), &mut NoHook).unwrap().logits.to_vec1().unwrap();
     assert_ne!(logits, moved);
 }
+
+#[test]
+fn pickle_checkpoints_have_a_fingerprint() {
+    // Recipes are keyed by it: a `.bin`-only directory must get one, distinct per config.
+    let tmp = tempfile::tempdir().unwrap();
+    let fp = |dir: &Path| fitprune::model::fingerprint::fingerprint(dir).unwrap();
+    let (a, b) = (hr_model_dir(tmp.path(), 128), hr_model_dir(tmp.path(), 256));
+    assert_eq!(fp(&a).len(), 32);
+    assert_eq!(fp(&a), fp(&a));
+    assert_ne!(fp(&a), fp(&b), "input_image_size is part of the model");
+}

@@ -142,7 +142,7 @@ fn bad(file: &Path, e: candle_core::Error) -> ModelError {
 
 /// The pickle files of a directory: the shards `pytorch_model.bin.index.json` names, or a single
 /// `pytorch_model.bin`; empty when there are none.
-fn pickle_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(super) fn pickle_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("pytorch_model.bin.index.json");
     if index.exists() {
         let json: serde_json::Value = serde_json::from_str(&read(&index)?).map_err(|e| ModelError::Config {
