@@ -257,3 +257,33 @@ fn sigterm_closes_the_database_cleanly() {
     assert!(!work.path().join("fp.db-shm").exists(), "-shm left behind\n{log}");
     assert!(db.exists());
 }
+
+#[test]
+fn hr_demo_model_calibrates_and_generates_pruned() {
+    let cache = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let model = work.path().join("hr");
+    let out = fitprune(&["demo-model", model.to_str().unwrap(), "--family", "hr"], cache.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("64 image tokens"));
+    let dataset = work.path().join("calib.jsonl");
+    std::fs::write(
+        &dataset,
+        "{\"question_id\": 1, \"image\": \"wide.png\", \"text\": \"What is in the image?\"}\n\
+         {\"question_id\": 2, \"image\": \"tall.png\", \"text\": \"Describe the colours.\"}\n",
+    )
+    .unwrap();
+    let recipes = work.path().join("recipes.json");
+    let out = calibrate(&model, &dataset, &["--budgets", "0.4", "--out", recipes.to_str().unwrap()], cache.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fitted: Vec<Recipe> = serde_json::from_str(&std::fs::read_to_string(&recipes).unwrap()).unwrap();
+    assert_eq!((fitted.len(), fitted[0].visual_tokens, fitted[0].deletions.len()), (1, 64, 4));
+    let (m, img, r) = (model.to_str().unwrap(), image("square.png"), recipes.to_str().unwrap());
+    let args = ["generate", "--model", m, "--image", &img, "--max-tokens", "3", "--json", "--recipe", r];
+    let out = fitprune(&args, cache.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["image_tokens"], 64);
+    let kept = 64 - fitted[0].deletions.iter().sum::<usize>();
+    assert_eq!(doc["pruning"]["visual_tokens_kept"], kept);
+}

@@ -33,7 +33,8 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "bench")]
     preset: Preset,
     /// Demo model family when --model is not given (next: a 4:3 photo-sized image, e.g. 640x480
-    /// for 336-px tiles, 2,340 visual tokens).
+    /// for 336-px tiles, 2,340 visual tokens; hr: the same photo padded and resized to 1024 px,
+    /// 1,024 visual tokens).
     #[arg(long, value_enum, default_value = "llava")]
     family: DemoFamily,
     /// Budgets to compare (0 = unpruned baseline, always included).
@@ -114,10 +115,11 @@ const QUESTIONS: [&str; 4] = [
 /// Bench prompt `i`: a synthetic image at the model's input size and one of the questions.
 fn bench_prompt(model: &LlavaModel, i: usize) -> anyhow::Result<PreparedPrompt> {
     let side = model.config().vision_config.image_size as u32;
-    // NeXT: a 4:3 photo (640x480 for 336-px tiles) goes to the 2x2 grid and unpads to 3:4 rows.
+    // NeXT: a 4:3 photo (640x480 for 336-px tiles) goes to the 2x2 grid and unpads to 3:4 rows;
+    // HR pads the same photo to a square and resizes it to its input size.
     let (width, height) = match model.config().model_type {
         ModelType::Llava => (side, side + 37),
-        ModelType::LlavaNext => (side * 40 / 21, side * 40 / 21 * 3 / 4),
+        ModelType::LlavaNext | ModelType::LlavaHr => (side * 40 / 21, side * 40 / 21 * 3 / 4),
     };
     let msg = ChatMessage {
         role: "user".into(),
@@ -138,6 +140,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             let name = match args.family {
                 DemoFamily::Llava => format!("bench-{:?}-seed0", args.preset),
                 DemoFamily::Next => format!("bench-next-{:?}-seed0", args.preset),
+                DemoFamily::Hr => format!("bench-hr-{:?}-seed0", args.preset),
             };
             let dir = source::cache_dir().join(name.to_lowercase());
             if !dir.join("model.safetensors").exists() {

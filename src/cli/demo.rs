@@ -33,7 +33,8 @@ pub struct DemoArgs {
     /// Size preset.
     #[arg(long, value_enum, default_value = "tiny")]
     preset: Preset,
-    /// Model family: LLaVA-1.5 or LLaVA-NeXT (anyres tiles).
+    /// Model family: LLaVA-1.5, LLaVA-NeXT (anyres tiles) or LLaVA-HR (CLIP + ConvNeXt, the
+    /// original-LLaVA layout; --backbone, --select-strategy and --layout do not apply).
     #[arg(long, value_enum, default_value = "llava")]
     family: DemoFamily,
     /// Decoder architecture.

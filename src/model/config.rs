@@ -194,6 +194,10 @@ pub enum ModelType {
     Llava,
     /// `LlavaNextForConditionalGeneration` (LLaVA-NeXT / v1.6): anyres tiles per image.
     LlavaNext,
+    /// LLaVA-HR (`LlavaLlamaForCausalLM` with `is_multipath_encoder`): a dual-branch encoder.
+    /// Never read from `model_type` (HR says `llava`); see [`super::hr_config`].
+    #[serde(skip)]
+    LlavaHr,
 }
 
 /// Top-level `LlavaConfig` / `LlavaNextConfig`.
@@ -233,7 +237,12 @@ impl LlavaConfig {
         match value.get("model_type").and_then(|v| v.as_str()) {
             Some("llava" | "llava_next") if value.get("is_multipath_encoder").is_none() => {}
             Some("llava") => {
-                return Err(bad("is_multipath_encoder".into(), "LLaVA-HR checkpoints are not supported yet".into()))
+                return Err(bad(
+                    "is_multipath_encoder".into(),
+                    "a LLaVA-HR config needs its model directory (the CLIP config lives beside it); \
+                     load it with LlavaModel::load"
+                        .into(),
+                ))
             }
             _ => {
                 let found = value.get("model_type").map_or("absent".to_string(), |v| v.to_string());
@@ -250,7 +259,7 @@ impl LlavaConfig {
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), ModelError> {
+    pub(super) fn validate(&self) -> Result<(), ModelError> {
         let bad = |field: &str, message: String| ModelError::Config {
             file: "config.json".into(),
             field: field.into(),

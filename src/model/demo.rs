@@ -42,6 +42,8 @@ pub enum DemoFamily {
     Llava,
     /// LLaVA-NeXT (`model_type` `llava_next`): anyres tiles, `image_newline`.
     Next,
+    /// LLaVA-HR (original-LLaVA layout, `is_multipath_encoder`): CLIP + ConvNeXt branches.
+    Hr,
 }
 
 /// Which decoder to write.
@@ -118,7 +120,7 @@ impl Shape {
         let s = match (opts.preset, opts.family) {
             // NeXT tiny: 32-px tiles of 8-px patches, so a 2x2 grid stays near a hundred tokens.
             (Preset::Tiny, DemoFamily::Next) => Shape { image: 32, ..Self::of(&DemoOptions::default()) },
-            (Preset::Tiny, DemoFamily::Llava) => Shape {
+            (Preset::Tiny, DemoFamily::Llava | DemoFamily::Hr) => Shape {
                 image: 96,
                 patch: 8,
                 v_hidden: 64,
@@ -185,6 +187,14 @@ pub struct DemoSummary {
 
 /// Writes a complete demo checkpoint into `dir` (created if needed).
 pub fn write_demo_model(dir: &Path, opts: &DemoOptions) -> Result<DemoSummary> {
+    if opts.preset == Preset::Llava7b && opts.family != DemoFamily::Llava {
+        return Err(ModelError::InvalidInput(
+            "--preset llava-1.5-7b has LLaVA-1.5's shapes: use it with --family llava".into(),
+        ));
+    }
+    if opts.family == DemoFamily::Hr {
+        return super::demo_hr::write_demo_hr(dir, opts);
+    }
     let s = Shape::of(opts);
     if s.kv_heads == 0 || !s.heads.is_multiple_of(s.kv_heads) {
         return Err(ModelError::InvalidInput(format!("--kv-heads {} must divide {} heads", s.kv_heads, s.heads)));
@@ -395,7 +405,7 @@ fn sample_all(specs: Vec<(String, Vec<usize>, Init)>, seed: u64, dtype: DType) -
 
 /// How a tensor is initialised.
 #[derive(Debug, Clone, Copy)]
-enum Init {
+pub(super) enum Init {
     /// N(0, std).
     Normal(f64),
     /// N(0, gain / sqrt(fan_in)), fan_in = product of all dims but the first.
@@ -405,7 +415,7 @@ enum Init {
 }
 
 impl Init {
-    fn sample(self, shape: &[usize], seed: u64, name: &str) -> Result<Tensor> {
+    pub(super) fn sample(self, shape: &[usize], seed: u64, name: &str) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
         let (mean, std) = match self {
@@ -446,7 +456,7 @@ fn rename(name: &str, layout: TensorLayout) -> String {
     name.replacen(TensorLayout::Hub.lm_head(), layout.lm_head(), 1)
 }
 
-fn write_safetensors(dir: &Path, tensors: Vec<(String, Tensor)>, shards: usize) -> Result<()> {
+pub(super) fn write_safetensors(dir: &Path, tensors: Vec<(String, Tensor)>, shards: usize) -> Result<()> {
     let metadata = || Some(HashMap::from([("format".to_string(), "pt".to_string())]));
     let save = |name: &str, part: Vec<(String, Tensor)>| -> Result<()> {
         let path = dir.join(name);
@@ -477,7 +487,7 @@ fn write_safetensors(dir: &Path, tensors: Vec<(String, Tensor)>, shards: usize) 
     )
 }
 
-fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> Result<()> {
+pub(super) fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> Result<()> {
     let path = dir.join(name);
     let text = serde_json::to_string_pretty(value).map_err(|e| ModelError::InvalidInput(e.to_string()))?;
     std::fs::write(&path, text + "\n").map_err(|source| ModelError::Io { path, source })

@@ -2,13 +2,16 @@
 //!
 //! The fingerprint is SHA-256 over `config.json` and the JSON header of every safetensors file
 //! (tensor names, dtypes, shapes and offsets). A re-saved or re-sharded copy with other weights
-//! of the same shapes would collide; different architectures or sizes never do.
+//! of the same shapes would collide; different architectures or sizes never do. Checkpoints in
+//! PyTorch pickles (LLaVA-HR's `pytorch_model-*.bin`) have no cheap header: their shard names and
+//! byte sizes stand in, with the index's `weight_map` when there is one.
 
 use std::io::Read;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
+use super::hr_weights::pickle_files;
 use super::weights::{read, safetensors_files};
 use super::{ModelError, Result};
 
@@ -16,8 +19,21 @@ use super::{ModelError, Result};
 pub fn fingerprint(dir: &Path) -> Result<String> {
     let mut h = Sha256::new();
     h.update(read(&dir.join("config.json"))?.as_bytes());
-    for file in safetensors_files(dir)? {
-        h.update(safetensors_header(&file)?);
+    let pickles = pickle_files(dir)?;
+    if pickles.is_empty() {
+        for file in safetensors_files(dir)? {
+            h.update(safetensors_header(&file)?);
+        }
+    } else {
+        let index = dir.join("pytorch_model.bin.index.json");
+        if index.exists() {
+            h.update(read(&index)?.as_bytes());
+        }
+        for file in pickles {
+            let len = std::fs::metadata(&file).map_err(|source| ModelError::Io { path: file.clone(), source })?.len();
+            h.update(file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_bytes());
+            h.update(len.to_le_bytes());
+        }
     }
     Ok(h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect())
 }

@@ -1,11 +1,12 @@
 //! A loaded LLaVA model (Liu et al. 2023, "Improved Baselines with Visual Instruction Tuning";
 //! transformers' `LlavaForConditionalGeneration` + `LlavaProcessor`, and the NeXT family's
-//! `LlavaNextForConditionalGeneration` + `LlavaNextProcessor`): prompt building, image features
-//! merged into the token embeddings, prefill and decode steps.
+//! `LlavaNextForConditionalGeneration` + `LlavaNextProcessor`, and LLaVA-HR's
+//! `LlavaLlamaForCausalLM` with its multi-path tower): prompt building, image features merged
+//! into the token embeddings, prefill and decode steps.
 //!
-//! The family seam is the private [`Family`]: it decides how an image becomes vision-tower
-//! tiles and how many tokens it takes; everything after the merge (decoder, pruning hooks,
-//! caches) is shared, so callers never name a family.
+//! The family seam is the private [`Family`]: it decides how an image becomes pixels, which
+//! tower turns them into features and how many tokens it takes; everything after the merge
+//! (decoder, pruning hooks, caches) is shared, so callers never name a family.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,10 @@ use image::DynamicImage;
 use tokenizers::Tokenizer;
 
 use super::config::{LlavaConfig, ModelType};
+use super::hr::HrTower;
+use super::hr_config::{is_hr_config, load_hr_config, HrSpec};
+use super::hr_prompt::{tokenize_chunks, vicuna_v1, HR_IMAGE_TOKEN};
+use super::hr_weights::HrWeights;
 use super::llama::{DecoderHook, DecoderOutput, KvCache, Llama};
 use super::llama_batch::BatchSequence;
 use super::next::NextHead;
@@ -98,19 +103,21 @@ pub struct Prefill {
     pub output: DecoderOutput,
 }
 
-/// What differs between the families: how images become tiles and tokens.
+/// What differs between the families: how images become tiles, features and tokens.
 enum Family {
     /// LLaVA-1.5: one CLIP-preprocessed tile and `image_feature_count` tokens per image.
-    V15,
+    V15(VisionTower),
     /// LLaVA-NeXT: anyres tiles and a packed, size-dependent token sequence per image.
-    Next(NextHead),
+    Next(VisionTower, NextHead),
+    /// LLaVA-HR: one padded S-pixel image through the dual-branch tower, (F/14)^2 tokens;
+    /// prompts are `vicuna_v1` tokenized chunk by chunk.
+    Hr(Box<HrTower>),
 }
 
 /// LLaVA weights plus the tokenizer, chat template and image preprocessor that go with them.
 pub struct LlavaModel {
     config: LlavaConfig,
     family: Family,
-    vision: VisionTower,
     projector: Projector,
     llama: Llama,
     tokenizer: Tokenizer,
@@ -125,7 +132,17 @@ pub struct LlavaModel {
 impl LlavaModel {
     /// Loads every file of a llava-hf model directory.
     pub fn load(dir: &Path, options: LoadOptions) -> Result<Self> {
-        let config = LlavaConfig::from_json_str(&weights::read(&dir.join("config.json"))?)?;
+        let config_text = weights::read(&dir.join("config.json"))?;
+        let value: serde_json::Value = serde_json::from_str(&config_text).map_err(|e| ModelError::Config {
+            file: "config.json".into(),
+            field: ".".into(),
+            message: e.to_string(),
+        })?;
+        if is_hr_config(&value) {
+            let (config, spec) = load_hr_config(dir, &value)?;
+            return Self::load_hr(dir, options, config, spec);
+        }
+        let config = LlavaConfig::from_json_str(&config_text)?;
         let pre_path = dir.join("preprocessor_config.json");
         let pre_text = weights::read(&pre_path)?;
         let mut pre_cfg = PreprocessorConfig::from_json_str(&pre_text)?;
@@ -172,24 +189,74 @@ impl LlavaModel {
         let vision = VisionTower::load(vb.pp(layout.vision_model()), &config).map_err(weights_err)?;
         let projector = Projector::load(vb.pp(layout.projector()), &config).map_err(weights_err)?;
         let family = match config.model_type {
-            ModelType::Llava => Family::V15,
+            ModelType::Llava => Family::V15(vision),
             ModelType::LlavaNext => {
                 let newline = vb
                     .get(config.text_config.hidden_size, layout.image_newline())
                     .map_err(|e| ModelError::Weights(format!("{}: {e}", dir.display())))?;
-                Family::Next(NextHead::new(&config, &pre_cfg, newline)?)
+                Family::Next(vision, NextHead::new(&config, &pre_cfg, newline)?)
+            }
+            ModelType::LlavaHr => {
+                return Err(ModelError::Config {
+                    file: "config.json".into(),
+                    field: "is_multipath_encoder".into(),
+                    message: "LLaVA-HR is recognised by is_multipath_encoder, not by model_type".into(),
+                })
             }
         };
         Ok(Self {
             config,
             family,
-            vision,
             projector,
             llama,
             tokenizer,
             template,
             preprocessor,
             image_token,
+            layout,
+            options,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Loads an LLaVA-HR directory (original-LLaVA layout, see [`super::hr_config`]): no
+    /// preprocessor or chat-template files, those come from the config and `vicuna_v1`.
+    fn load_hr(dir: &Path, options: LoadOptions, config: LlavaConfig, spec: HrSpec) -> Result<Self> {
+        // The reference builds its CLIPImageProcessor in code: CLIP mean/std, bicubic, size S.
+        let s = spec.image_size;
+        let pre_json = format!(r#"{{"size": {s}, "crop_size": {s}, "resample": 3}}"#);
+        let pre_cfg = PreprocessorConfig::from_json_str(&pre_json)?;
+        let preprocessor = ImagePreprocessor::new(pre_cfg, spec.pad_to_square)?;
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.exists() {
+            return Err(ModelError::MissingFile {
+                path: tok_path,
+                what: "the fast tokenizer (convert tokenizer.model once with transformers' AutoTokenizer)".into(),
+            });
+        }
+        let tokenizer = Tokenizer::from_file(&tok_path)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tok_path.display())))?;
+        let layout = TensorLayout::Original;
+        let weights = HrWeights::open(dir, options.dtype, &options.device)?;
+        let vb = weights.vb();
+        let weights_err = |e: ModelError| match e {
+            ModelError::Candle(c) => ModelError::Weights(format!("{}: {c}", dir.display())),
+            other => other,
+        };
+        let lm_head = (!config.ties_word_embeddings()).then(|| vb.pp(layout.lm_head()));
+        let llama = Llama::load(vb.pp(layout.text_model()), lm_head, &config.text_config).map_err(weights_err)?;
+        let tower = HrTower::load(vb.pp(layout.vision_model()), &config.vision_config, &spec).map_err(weights_err)?;
+        let projector = Projector::load_named(vb.pp(layout.projector()), &config, ("0", "2")).map_err(weights_err)?;
+        weights.check_all_read()?;
+        Ok(Self {
+            config,
+            family: Family::Hr(Box::new(tower)),
+            projector,
+            llama,
+            tokenizer,
+            template: vicuna_v1()?,
+            preprocessor,
+            image_token: HR_IMAGE_TOKEN.to_string(),
             layout,
             options,
             dir: dir.to_path_buf(),
@@ -235,13 +302,14 @@ impl LlavaModel {
     /// depends on the size, e.g. 1,176 at 336x336 and 2,928 at 672x672 for 336-px tiles).
     pub fn image_token_count(&self, width: u32, height: u32) -> Result<usize> {
         match &self.family {
-            Family::V15 => Ok(self.config.image_feature_count()),
-            Family::Next(head) => head.token_count((height, width)),
+            Family::V15(_) => Ok(self.config.image_feature_count()),
+            Family::Next(_, head) => head.token_count((height, width)),
+            Family::Hr(tower) => Ok(tower.token_count()),
         }
     }
 
-    /// A typical image's visual tokens, the default `N` of an imported recipe: LLaVA-1.5's fixed
-    /// count; for NeXT a square image of 2x2 tiles (2,928 for 336-px tiles).
+    /// A typical image's visual tokens, the default `N` of an imported recipe: LLaVA-1.5's and
+    /// LLaVA-HR's fixed count; for NeXT a square image of 2x2 tiles (2,928 for 336-px tiles).
     pub fn nominal_image_tokens(&self) -> usize {
         let side = 2 * self.config.vision_config.image_size as u32;
         self.image_token_count(side, side).unwrap_or_else(|_| self.config.image_feature_count())
@@ -276,9 +344,13 @@ impl LlavaModel {
             )));
         }
         let counts = image_sizes.iter().map(|&(h, w)| self.image_token_count(w, h)).collect::<Result<Vec<usize>>>()?;
-        let expanded = expand_image_tokens_each(&text, &self.image_token, &counts);
-        let encoding = self.tokenizer.encode(expanded, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        let input_ids = encoding.get_ids().to_vec();
+        let input_ids = if let Family::Hr(_) = self.family {
+            tokenize_chunks(&self.tokenizer, &text, self.config.image_token_index, &counts)?
+        } else {
+            let expanded = expand_image_tokens_each(&text, &self.image_token, &counts);
+            let encoding = self.tokenizer.encode(expanded, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+            encoding.get_ids().to_vec()
+        };
         let image_spans = image_spans(&input_ids, self.config.image_token_index, &counts)?;
         Ok(TokenizedPrompt { text, input_ids, image_spans, image_sizes: image_sizes.to_vec() })
     }
@@ -306,8 +378,8 @@ impl LlavaModel {
         let mut data = Vec::with_capacity(images.len() * 3 * h * w);
         for img in images {
             match &self.family {
-                Family::V15 => data.extend(self.preprocessor.preprocess(img)?),
-                Family::Next(head) => data.extend(head.tiles(&self.preprocessor, img)?),
+                Family::V15(_) | Family::Hr(_) => data.extend(self.preprocessor.preprocess(img)?),
+                Family::Next(_, head) => data.extend(head.tiles(&self.preprocessor, img)?),
             }
         }
         let tiles = data.len() / (3 * h * w);
@@ -344,20 +416,28 @@ impl LlavaModel {
 
     /// Projected tile features (tiles, tokens per tile, hidden) for pixels (tiles, 3, H, W).
     fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
-        self.projector.forward(&self.vision.forward(pixels)?)
+        let feats = match &self.family {
+            Family::V15(vision) | Family::Next(vision, _) => vision.forward(pixels)?,
+            Family::Hr(tower) => tower.forward(pixels)?,
+        };
+        self.projector.forward(&feats)
     }
 
     /// Places `feats` (all of the prompt's images) at the prompt's image tokens.
     fn merge_features(&self, prompt: &PreparedPrompt, feats: Option<Tensor>) -> Result<Tensor> {
         let device = &self.options.device;
-        let ids = Tensor::new(prompt.input_ids.as_slice(), device)?.unsqueeze(0)?;
+        // Image positions are looked up as id 0 and then replaced: LLaVA-HR's image id lies past
+        // the vocabulary (the original code's -200 has no embedding either).
+        let image_id = self.config.image_token_index;
+        let lookup: Vec<u32> = prompt.input_ids.iter().map(|&t| if t == image_id { 0 } else { t }).collect();
+        let ids = Tensor::new(lookup.as_slice(), device)?.unsqueeze(0)?;
         let text = self.llama.embed(&ids)?.squeeze(0)?;
         let Some(feats) = feats else {
             return Ok(text.unsqueeze(0)?);
         };
         let feats = match &self.family {
-            Family::V15 => feats.flatten_to(1)?,
-            Family::Next(head) => {
+            Family::V15(_) | Family::Hr(_) => feats.flatten_to(1)?,
+            Family::Next(_, head) => {
                 // Split the prompt's tiles per image, then pack each image's features.
                 let mut at = 0;
                 let mut packed = Vec::with_capacity(prompt.image_sizes.len());

@@ -4,9 +4,16 @@
 
 pub mod anyres;
 pub mod config;
+pub mod convnext;
 pub mod demo;
+pub mod demo_hr;
 pub mod demo_tokenizer;
 pub mod fingerprint;
+mod hr;
+pub mod hr_config;
+pub mod hr_prompt;
+mod hr_weights;
+pub mod interp;
 pub mod llama;
 pub mod llama_batch;
 pub mod llama_decode;

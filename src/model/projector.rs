@@ -17,6 +17,12 @@ pub struct Projector {
 impl Projector {
     /// Loads from the `multi_modal_projector` prefix.
     pub fn load(vb: VarBuilder, cfg: &LlavaConfig) -> Result<Self> {
+        Self::load_named(vb, cfg, ("linear_1", "linear_2"))
+    }
+
+    /// Loads with the two linears under `names`: the original LLaVA code's `mlp2x_gelu` is an
+    /// `nn.Sequential` whose linears are `0` and `2` (the GELU is `1`).
+    pub fn load_named(vb: VarBuilder, cfg: &LlavaConfig, names: (&str, &str)) -> Result<Self> {
         let vision = cfg.vision_config.hidden_size * cfg.vision_feature_layer.indices().len();
         let text = cfg.text_config.hidden_size;
         let lin = |i, o, vb| -> Result<Linear> {
@@ -27,8 +33,8 @@ impl Projector {
             })
         };
         Ok(Self {
-            linear_1: lin(vision, text, vb.pp("linear_1"))?,
-            linear_2: lin(text, text, vb.pp("linear_2"))?,
+            linear_1: lin(vision, text, vb.pp(names.0))?,
+            linear_2: lin(text, text, vb.pp(names.1))?,
             act: cfg.projector_hidden_act,
         })
     }

@@ -4,10 +4,14 @@
 use std::path::{Path, PathBuf};
 
 use super::demo::{write_demo_model, DemoOptions};
+use super::hr_config::is_hr_config;
+use super::weights::read;
 use super::{ModelError, Result};
 
 /// Files a llava-hf model directory may hold; the first group is required.
 const REQUIRED: &[&str] = &["config.json", "tokenizer.json", "preprocessor_config.json"];
+/// Files an LLaVA-HR repository may hold besides [`OPTIONAL`].
+const HR_OPTIONAL: &[&str] = &["tokenizer.json", "tokenizer.model"];
 const OPTIONAL: &[&str] = &[
     "tokenizer_config.json",
     "processor_config.json",
@@ -113,32 +117,61 @@ fn from_hub(id: &str) -> Result<PathBuf> {
         }
     };
     let config = get("config.json", true)?.ok_or_else(|| ModelError::Hub(format!("{id}: no config.json")))?;
-    for f in REQUIRED {
+    let value: serde_json::Value = serde_json::from_str(&read(&config)?).map_err(|e| ModelError::Config {
+        file: config.display().to_string(),
+        field: "(document)".into(),
+        message: e.to_string(),
+    })?;
+    // LLaVA-HR repositories (original-LLaVA layout) ship no processor files and `.bin` shards.
+    let hr = is_hr_config(&value);
+    for f in REQUIRED.iter().filter(|_| !hr) {
         get(f, true)?;
     }
-    for f in OPTIONAL {
+    for f in OPTIONAL.iter().chain(if hr { HR_OPTIONAL } else { &[] }) {
         get(f, false)?;
     }
     if let Some(index) = get("model.safetensors.index.json", false)? {
-        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-            file: index.display().to_string(),
-            field: "(document)".into(),
-            message: e.to_string(),
-        })?;
-        let shards: std::collections::BTreeSet<String> = json["weight_map"]
-            .as_object()
-            .map(|m| m.values().filter_map(|v| v.as_str().map(str::to_string)).collect())
-            .unwrap_or_default();
-        for shard in shards {
+        for shard in index_shards(&index)? {
             get(&shard, true)?;
+        }
+    } else if hr {
+        if let Some(index) = get("pytorch_model.bin.index.json", false)? {
+            for shard in index_shards(&index)? {
+                get(&shard, true)?;
+            }
+        } else if get("pytorch_model.bin", false)?.is_none() {
+            get("model.safetensors", true)?;
         }
     } else {
         get("model.safetensors", true)?;
+    }
+    if let Some(tower) = value.get("mm_vision_tower").and_then(|t| t.as_str()).filter(|_| hr) {
+        // The CLIP config `mm_vision_tower` names, resolved later through the same cache.
+        let clip = cache.model(tower.to_string());
+        if clip.get("config.json").is_none() && online {
+            if let Ok(api) = &api {
+                api.model(tower.to_string())
+                    .get("config.json")
+                    .map_err(|e| ModelError::Hub(format!("{tower}/config.json: {e}")))?;
+            }
+        }
     }
     // hf-hub places every file of one revision in the same snapshot directory.
     config
         .parent()
         .map(Path::to_path_buf)
         .ok_or_else(|| ModelError::Hub(format!("{id}: cached config.json has no parent directory")))
+}
+
+/// The shard files a `*.index.json` names in its `weight_map`.
+fn index_shards(index: &Path) -> Result<std::collections::BTreeSet<String>> {
+    let json: serde_json::Value = serde_json::from_str(&read(index)?).map_err(|e| ModelError::Config {
+        file: index.display().to_string(),
+        field: "(document)".into(),
+        message: e.to_string(),
+    })?;
+    Ok(json["weight_map"]
+        .as_object()
+        .map(|m| m.values().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .unwrap_or_default())
 }

@@ -96,8 +96,9 @@ impl Attention {
     }
 }
 
+/// One CLIP encoder layer (also run in stages by LLaVA-HR's fast branch).
 #[derive(Debug, Clone)]
-struct EncoderLayer {
+pub(super) struct EncoderLayer {
     self_attn: Attention,
     layer_norm1: LayerNorm,
     fc1: Linear,
@@ -107,7 +108,7 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
+    pub(super) fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
         let (d, m, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
         Ok(Self {
             self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
@@ -119,7 +120,7 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?)?)?;
         let h = self.fc2.forward(&self.act.forward(&self.fc1.forward(&self.layer_norm2.forward(&x)?)?)?)?;
         Ok((x + h)?)

@@ -20,6 +20,9 @@ pub enum TensorLayout {
     Hub,
     /// `model.language_model.*` (transformers ≥ 4.52).
     Nested,
+    /// The original LLaVA code's names (`model.layers.*`, `lm_head`, `model.vision_tower.*`,
+    /// `model.mm_projector.*`), as LLaVA-HR saves them.
+    Original,
 }
 
 impl TensorLayout {
@@ -28,6 +31,7 @@ impl TensorLayout {
         match self {
             Self::Hub => "language_model.model",
             Self::Nested => "model.language_model",
+            Self::Original => "model",
         }
     }
 
@@ -35,7 +39,7 @@ impl TensorLayout {
     pub fn lm_head(self) -> &'static str {
         match self {
             Self::Hub => "language_model.lm_head",
-            Self::Nested => "lm_head",
+            Self::Nested | Self::Original => "lm_head",
         }
     }
 
@@ -44,6 +48,7 @@ impl TensorLayout {
         match self {
             Self::Hub => "vision_tower.vision_model",
             Self::Nested => "model.vision_tower.vision_model",
+            Self::Original => "model.vision_tower",
         }
     }
 
@@ -51,7 +56,7 @@ impl TensorLayout {
     pub fn image_newline(self) -> &'static str {
         match self {
             Self::Hub => "image_newline",
-            Self::Nested => "model.image_newline",
+            Self::Nested | Self::Original => "model.image_newline",
         }
     }
 
@@ -60,6 +65,7 @@ impl TensorLayout {
         match self {
             Self::Hub => "multi_modal_projector",
             Self::Nested => "model.multi_modal_projector",
+            Self::Original => "model.mm_projector",
         }
     }
 }

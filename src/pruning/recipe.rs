@@ -210,14 +210,22 @@ pub const AUTHORS_LLAVA_NEXT_7B: [(u32, [usize; 32]); 2] = [
     ),
 ];
 
+/// The authors' published LLaVA-HR-7B schemes (FitPrune `LLaVA_HR` `modeling_llama.py`), by
+/// percent, fitted at 1,024 visual tokens (`left_vtoken_num`, S = 1024).
+pub const AUTHORS_LLAVA_HR_7B: [(u32, [usize; 32]); 2] = [
+    (40, [3, 0, 91, 69, 34, 49, 70, 35, 1, 12, 31, 11, 0, 3, 2, 0, 1, 0, 1, 2, 8, 86, 0, 29, 0, 10, 1, 5, 0, 8, 17, 0]),
+    (60, [42, 1, 207, 120, 64, 73, 76, 24, 1, 5, 18, 5, 0, 0, 1, 1, 5, 0, 2, 4, 16, 78, 1, 13, 0, 6, 0, 2, 0, 3, 5, 0]),
+];
+
 /// Published schemes: (percent, per-layer deletions of a 32-layer model).
 type Schemes = &'static [(u32, [usize; 32])];
 
 /// The built-in scheme families: name prefix, the model family they are for, the visual-token
 /// count they were fitted at, and the schemes.
-const SCHEMES: [(&str, ModelType, usize, Schemes); 2] = [
+const SCHEMES: [(&str, ModelType, usize, Schemes); 3] = [
     ("authors-llava15-7b-", ModelType::Llava, 576, &AUTHORS_LLAVA15_7B),
     ("authors-llava-next-7b-", ModelType::LlavaNext, 2880, &AUTHORS_LLAVA_NEXT_7B),
+    ("authors-llava-hr-7b-", ModelType::LlavaHr, 1024, &AUTHORS_LLAVA_HR_7B),
 ];
 
 /// One of the authors' schemes as a recipe (`name` like `authors-llava15-7b-50` or
@@ -239,7 +247,7 @@ pub fn authors_scheme(name: &str) -> Option<Recipe> {
             created_at: String::new(),
             job_id: None,
         };
-        // Both were fitted on Vicuna-7B decoders.
+        // All were fitted on Vicuna-7B decoders.
         Some(recipe.with_reduction(&FlopsModel::llava15_7b()))
     })
 }
@@ -341,6 +349,20 @@ mod tests {
     }
 
     #[test]
+    fn hr_schemes_are_built_in_at_1024_tokens() {
+        let r40 = authors_scheme("authors-llava-hr-7b-40").unwrap();
+        let r60 = authors_scheme("authors-llava-hr-7b-60").unwrap();
+        assert_eq!((r40.visual_tokens, r40.deletions.len(), r40.deletions[2], r60.deletions[2]), (1024, 32, 91, 207));
+        let hr: Vec<String> = authors_schemes_for(ModelType::LlavaHr).into_iter().map(|r| r.name).collect();
+        assert_eq!(hr, ["authors-llava-hr-7b-40", "authors-llava-hr-7b-60"]);
+        // The FLOPs model puts each scheme near its nominal budget.
+        assert!((0.3..0.5).contains(&r40.achieved_reduction), "{}", r40.achieved_reduction);
+        assert!((0.5..0.7).contains(&r60.achieved_reduction), "{}", r60.achieved_reduction);
+        // At S = 1536 (2,304 tokens) layer 2 of the 60% scheme deletes int(207 * 2304 / 1024).
+        assert_eq!(r60.deletions_for(2304)[2], 465);
+    }
+
+    #[test]
     fn json_round_trip_and_minimal_import() {
         let r = recipe(vec![1, 2, 3], 10);
         let back: Recipe = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
@@ -383,8 +405,8 @@ mod tests {
     #[test]
     fn authors_schemes_are_valid_and_ordered() {
         let names = authors_scheme_names();
-        assert_eq!(names.len(), 12);
-        for family in [ModelType::Llava, ModelType::LlavaNext] {
+        assert_eq!(names.len(), 14);
+        for family in [ModelType::Llava, ModelType::LlavaNext, ModelType::LlavaHr] {
             let mut last = 0.0;
             for r in authors_schemes_for(family) {
                 r.validate(32).unwrap();

@@ -96,3 +96,36 @@ pub fn png_bomb(w: u32, h: u32) -> Vec<u8> {
     bomb[29..33].copy_from_slice(&crc.to_be_bytes());
     bomb
 }
+
+/// tests/fixtures/parity_hr.
+pub fn hr_fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity_hr")
+}
+
+/// A copy (once per `root`) of the committed tiny LLaVA-HR checkpoint with `input_image_size`
+/// set to `size`, as `tests/reference/hr_reference.py` ran it.
+pub fn hr_model_dir(root: &Path, size: usize) -> PathBuf {
+    let dir = root.join(format!("hr-{size}"));
+    if !dir.exists() {
+        copy_dir(&hr_fixtures().join("model"), &dir);
+        let path = dir.join("config.json");
+        let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        config["input_image_size"] = serde_json::json!(size);
+        std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    }
+    dir
+}
+
+/// Copies a directory tree.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
