@@ -3,10 +3,12 @@
 //! Nothing here knows about tokio or HTTP; the engine drives these types from its own thread.
 
 pub mod anyres;
+mod attn_cpu;
 pub mod config;
 pub mod demo;
 pub mod demo_tokenizer;
 pub mod fingerprint;
+mod gated_mlp;
 pub mod llama;
 pub mod llama_batch;
 pub mod llama_decode;
