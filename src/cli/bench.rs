@@ -21,6 +21,7 @@ use crate::pruning::flops::FlopsModel;
 use crate::pruning::PruneHook;
 
 use super::bench_serve::{self, ConcurrencyBench};
+use super::bench_stages;
 use super::input::{parse_device, parse_dtype};
 
 /// Arguments of `bench`.
@@ -68,6 +69,11 @@ pub struct BenchArgs {
     /// Also write the measurements as JSON to this file (`scripts/device-check.sh` reads it).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Instead of the prefill tables: where one unpruned prefill's time goes, stage by stage
+    /// (preprocessing, vision tower + projector, decoder attention / MLP halves, LM head), over
+    /// --reps repetitions after a warm-up; no calibration.
+    #[arg(long)]
+    stages: bool,
 }
 
 /// One budget's measurements over the repetitions.
@@ -156,6 +162,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let options = LoadOptions { device, dtype, pad_to_square: false };
     let model = LlavaModel::load(&dir, options.clone())?;
     let prompt_for = |i: usize| bench_prompt(&model, i);
+    if args.stages {
+        let stages = bench_stages::run(&model, &prompt_for(0)?, args.reps)?;
+        return write_report(&args, &dir, serde_json::json!({ "stages": stages }));
+    }
     let calib: Vec<PreparedPrompt> = (0..args.samples).map(|i| prompt_for(i + 1)).collect::<anyhow::Result<_>>()?;
     let started = Instant::now();
     let fitted = calibrate(

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_serve;
+mod bench_stages;
 mod calibrate;
 mod demo;
 pub mod eval;

@@ -327,11 +327,15 @@ impl Attention {
         mask: Option<&Tensor>,
         want_probs: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        // The CPU kernel where it applies (f32); the composite below elsewhere (CUDA, f16/bf16).
+        if let Some(done) = super::attn_cpu::attend(q, &k, &v, mask, scale, want_probs)? {
+            return Ok(done);
+        }
         let (b, _, s, _) = q.dims4()?;
         let n_rep = self.heads / self.kv_heads;
         let k = candle_transformers::utils::repeat_kv(k, n_rep)?;
         let v = candle_transformers::utils::repeat_kv(v, n_rep)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
         let scores = match mask {
             Some(mask) => scores.broadcast_add(mask)?,
@@ -387,8 +391,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.act.forward(&self.gate_proj.forward(x)?)?;
-        Ok(self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)?)
+        let gated = super::gated_mlp::act_mul(self.act, self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        Ok(self.down_proj.forward(&gated)?)
     }
 }
 

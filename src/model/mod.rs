@@ -3,12 +3,14 @@
 //! Nothing here knows about tokio or HTTP; the engine drives these types from its own thread.
 
 pub mod anyres;
+mod attn_cpu;
 pub mod config;
 pub mod convnext;
 pub mod demo;
 pub mod demo_hr;
 pub mod demo_tokenizer;
 pub mod fingerprint;
+mod gated_mlp;
 mod hr;
 pub mod hr_config;
 pub mod hr_prompt;

@@ -89,6 +89,9 @@ impl Attention {
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if let Some((out, _)) = super::attn_cpu::attend(&q, &k, &v, None, scale, false)? {
+            return Ok(self.out_proj.forward(&out)?);
+        }
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(candle_core::DType::F32)?)?;
         let out = probs.to_dtype(v.dtype())?.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))?;
