@@ -9,13 +9,12 @@
 //! down mid-job the engine stops running its evaluations and the job is recorded as failed
 //! ("interrupted") before the process exits.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::queue::{CancelFlags, JobQueue, JobRequest};
 use image::DynamicImage;
 use sqlx::SqlitePool;
 use tokio::runtime::Handle;
@@ -56,11 +55,12 @@ pub struct CalibrationRequest {
 }
 
 /// Handle to the calibration thread.
-#[derive(Clone)]
-pub struct CalibrationJobs {
-    tx: Arc<Mutex<Option<Sender<CalibrationRequest>>>>,
-    cancels: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
-    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+pub type CalibrationJobs = JobQueue<CalibrationRequest>;
+
+impl JobRequest for CalibrationRequest {
+    fn job_id(&self) -> &str {
+        &self.job_id
+    }
 }
 
 /// What the thread needs.
@@ -70,12 +70,12 @@ struct Runner {
     recipes: Arc<DbRecipes>,
     metrics: Metrics,
     rt: Handle,
-    cancels: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
+    cancels: CancelFlags,
     /// Memo limit per job (`CalibrateOptions::cache_bytes`).
     cache_bytes: usize,
 }
 
-impl CalibrationJobs {
+impl JobQueue<CalibrationRequest> {
     /// Starts the calibration thread (call inside the tokio runtime that runs the store queries).
     pub fn start(
         pool: SqlitePool,
@@ -84,50 +84,10 @@ impl CalibrationJobs {
         metrics: Metrics,
         cache_bytes: usize,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = channel();
-        let cancels = Arc::new(Mutex::new(HashMap::new()));
         let rt = Handle::current();
-        let runner = Runner { pool, engine, recipes, metrics, rt, cancels: cancels.clone(), cache_bytes };
-        let handle = std::thread::Builder::new().name("fitprune-calibration".into()).spawn(move || runner.run(rx))?;
-        Ok(Self { tx: Arc::new(Mutex::new(Some(tx))), cancels, thread: Arc::new(Mutex::new(Some(handle))) })
-    }
-
-    /// Queues a job whose row was created as `queued`; `false` once the runner has stopped.
-    pub fn submit(&self, req: CalibrationRequest) -> bool {
-        if let Ok(mut c) = self.cancels.lock() {
-            c.insert(req.job_id.clone(), Arc::new(AtomicBool::new(false)));
-        }
-        match self.tx.lock() {
-            Ok(tx) => tx.as_ref().is_some_and(|tx| tx.send(req).is_ok()),
-            Err(_) => false,
-        }
-    }
-
-    /// Stops taking jobs and waits (blocking) until the runner has recorded the end of the job
-    /// in flight. Call after the engine has stopped, so that job ends at its next layer
-    /// evaluation; queued jobs that never started stay `queued` and are failed at the next start.
-    pub fn stop_and_join(&self) {
-        if let Ok(mut tx) = self.tx.lock() {
-            tx.take();
-        }
-        if let Ok(c) = self.cancels.lock() {
-            c.values().for_each(|flag| flag.store(true, Ordering::SeqCst));
-        }
-        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
-        if let Some(handle) = handle {
-            if handle.join().is_err() {
-                warn!("the calibration thread panicked");
-            }
-        }
-    }
-
-    /// Asks a queued or running job to stop (at the next layer boundary).
-    pub fn cancel(&self, job_id: &str) {
-        if let Ok(c) = self.cancels.lock() {
-            if let Some(flag) = c.get(job_id) {
-                flag.store(true, Ordering::SeqCst);
-            }
-        }
+        Self::spawn("calibration", move |rx, cancels| {
+            Runner { pool, engine, recipes, metrics, rt, cancels, cache_bytes }.run(rx)
+        })
     }
 }
 
@@ -164,9 +124,7 @@ impl Runner {
             let status = self.run_job(&req);
             self.metrics.calibration_jobs.with_label_values(&[status.as_str()]).inc();
             self.metrics.calibration_duration.observe(started.elapsed().as_secs_f64());
-            if let Ok(mut c) = self.cancels.lock() {
-                c.remove(&req.job_id);
-            }
+            self.cancels.remove(&req.job_id);
         }
     }
 
@@ -180,7 +138,7 @@ impl Runner {
 
     fn run_job(&self, req: &CalibrationRequest) -> JobStatus {
         let id = req.job_id.as_str();
-        let cancel = self.cancels.lock().ok().and_then(|c| c.get(id).cloned()).unwrap_or_default();
+        let cancel = self.cancels.flag(id);
         if cancel.load(Ordering::SeqCst) {
             return self.finish(id, JobStatus::Cancelled, None, &[]);
         }

@@ -9,13 +9,12 @@
 //! the server shuts down mid-job the engine stops running its passes and the job is recorded as
 //! failed ("interrupted") before the process exits, as calibration jobs are.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::queue::{CancelFlags, JobQueue, JobRequest};
 use image::DynamicImage;
 use sqlx::SqlitePool;
 use tokio::runtime::Handle;
@@ -57,11 +56,12 @@ pub struct EvaluationRequest {
 }
 
 /// Handle to the evaluation thread.
-#[derive(Clone)]
-pub struct EvaluationJobs {
-    tx: Arc<Mutex<Option<Sender<EvaluationRequest>>>>,
-    cancels: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
-    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+pub type EvaluationJobs = JobQueue<EvaluationRequest>;
+
+impl JobRequest for EvaluationRequest {
+    fn job_id(&self) -> &str {
+        &self.job_id
+    }
 }
 
 /// What the thread needs.
@@ -70,56 +70,14 @@ struct Runner {
     engine: Engine,
     metrics: Metrics,
     rt: Handle,
-    cancels: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
+    cancels: CancelFlags,
 }
 
-impl EvaluationJobs {
+impl JobQueue<EvaluationRequest> {
     /// Starts the evaluation thread (call inside the tokio runtime that runs the store queries).
     pub fn start(pool: SqlitePool, engine: Engine, metrics: Metrics) -> std::io::Result<Self> {
-        let (tx, rx) = channel();
-        let cancels = Arc::new(Mutex::new(HashMap::new()));
         let rt = Handle::current();
-        let runner = Runner { pool, engine, metrics, rt, cancels: cancels.clone() };
-        let handle = std::thread::Builder::new().name("fitprune-evaluation".into()).spawn(move || runner.run(rx))?;
-        Ok(Self { tx: Arc::new(Mutex::new(Some(tx))), cancels, thread: Arc::new(Mutex::new(Some(handle))) })
-    }
-
-    /// Queues a job whose row was created as `queued`; `false` once the runner has stopped.
-    pub fn submit(&self, req: EvaluationRequest) -> bool {
-        if let Ok(mut c) = self.cancels.lock() {
-            c.insert(req.job_id.clone(), Arc::new(AtomicBool::new(false)));
-        }
-        match self.tx.lock() {
-            Ok(tx) => tx.as_ref().is_some_and(|tx| tx.send(req).is_ok()),
-            Err(_) => false,
-        }
-    }
-
-    /// Stops taking jobs and waits (blocking) until the runner has recorded the end of the job
-    /// in flight. Call after the engine has stopped, so that job ends at its next pass; queued
-    /// jobs that never started stay `queued` and are failed at the next start.
-    pub fn stop_and_join(&self) {
-        if let Ok(mut tx) = self.tx.lock() {
-            tx.take();
-        }
-        if let Ok(c) = self.cancels.lock() {
-            c.values().for_each(|flag| flag.store(true, Ordering::SeqCst));
-        }
-        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
-        if let Some(handle) = handle {
-            if handle.join().is_err() {
-                warn!("the evaluation thread panicked");
-            }
-        }
-    }
-
-    /// Asks a queued or running job to stop (at the next pass).
-    pub fn cancel(&self, job_id: &str) {
-        if let Ok(c) = self.cancels.lock() {
-            if let Some(flag) = c.get(job_id) {
-                flag.store(true, Ordering::SeqCst);
-            }
-        }
+        Self::spawn("evaluation", move |rx, cancels| Runner { pool, engine, metrics, rt, cancels }.run(rx))
     }
 }
 
@@ -194,9 +152,7 @@ impl Runner {
             let status = self.run_job(&req);
             self.metrics.evaluation_jobs.with_label_values(&[status.as_str()]).inc();
             self.metrics.evaluation_duration.observe(started.elapsed().as_secs_f64());
-            if let Ok(mut c) = self.cancels.lock() {
-                c.remove(&req.job_id);
-            }
+            self.cancels.remove(&req.job_id);
         }
     }
 
@@ -209,7 +165,7 @@ impl Runner {
 
     fn run_job(&self, req: &EvaluationRequest) -> JobStatus {
         let id = req.job_id.as_str();
-        let cancel = self.cancels.lock().ok().and_then(|c| c.get(id).cloned()).unwrap_or_default();
+        let cancel = self.cancels.flag(id);
         if cancel.load(Ordering::SeqCst) {
             return self.finish(id, JobStatus::Cancelled, None);
         }

@@ -3,4 +3,5 @@
 
 pub mod calibration;
 pub mod evaluation;
+pub mod queue;
 pub mod recipe_source;
