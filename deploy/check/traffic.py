@@ -43,6 +43,21 @@ def metric_value(name_and_labels):
     return None
 
 
+def wait_succeeded(path, what, timeout=120):
+    """Polls an admin job at `path` until it succeeds (returns it); exits on failure or timeout."""
+    deadline = time.time() + timeout
+    while True:
+        status, j = call("GET", path, token=TOKEN)
+        assert status == 200, j
+        if j["status"] == "succeeded":
+            return j
+        if j["status"] in ("failed", "cancelled"):
+            sys.exit(f"{what} ended {j['status']}: {j}")
+        if time.time() > deadline:
+            sys.exit(f"{what} still {j['status']} after {timeout} s")
+        time.sleep(0.5)
+
+
 def main():
     t0 = time.time()
     # The served model name (the `model` field is checked against it).
@@ -62,17 +77,7 @@ def main():
                        token=TOKEN)
     if status != 202:
         sys.exit(f"POST /admin/calibrate answered {status}: {job}")
-    deadline = time.time() + 120
-    while True:
-        status, j = call("GET", f"/admin/jobs/{job['id']}", token=TOKEN)
-        assert status == 200, j
-        if j["status"] == "succeeded":
-            break
-        if j["status"] in ("failed", "cancelled"):
-            sys.exit(f"calibration job ended {j['status']}: {j}")
-        if time.time() > deadline:
-            sys.exit(f"calibration job still {j['status']} after 120 s")
-        time.sleep(0.5)
+    wait_succeeded(f"/admin/jobs/{job['id']}", "calibration job")
     print(f"traffic: calibration job {job['id']} succeeded ({time.time() - t0:.1f}s)", flush=True)
 
     # 2b. An evaluation job at the budgets the calibration just fitted, polled to completion.
@@ -82,17 +87,7 @@ def main():
                       token=TOKEN)
     if status != 202:
         sys.exit(f"POST /admin/evaluations answered {status}: {ev}")
-    deadline = time.time() + 120
-    while True:
-        status, e = call("GET", f"/admin/evaluations/{ev['id']}", token=TOKEN)
-        assert status == 200, e
-        if e["status"] == "succeeded":
-            break
-        if e["status"] in ("failed", "cancelled"):
-            sys.exit(f"evaluation job ended {e['status']}: {e}")
-        if time.time() > deadline:
-            sys.exit(f"evaluation job still {e['status']} after 120 s")
-        time.sleep(0.5)
+    e = wait_succeeded(f"/admin/evaluations/{ev['id']}", "evaluation job")
     print(f"traffic: evaluation job {ev['id']} succeeded with {len(e.get('rows') or [])} rows "
           f"({time.time() - t0:.1f}s)", flush=True)
 

@@ -171,6 +171,23 @@ impl JobImages {
 }
 
 async fn inline_samples(state: &AppState, samples: &[SampleIn]) -> Result<Vec<CalibrationSample>, ApiError> {
+    let parts: Vec<(&str, &str)> = samples.iter().map(|s| (s.image.as_str(), s.prompt.as_str())).collect();
+    let images = inline_images(state, &parts, "calibration").await?;
+    Ok(images
+        .into_iter()
+        .zip(samples)
+        .map(|(image, s)| CalibrationSample { image, prompt: s.prompt.clone() })
+        .collect())
+}
+
+/// Inline `(image, prompt)` samples of a job (calibration or evaluation, named by `what`):
+/// checks their count and prompts, fetches the images and decodes them within one job's
+/// decoded-image budget, every header checked before anything is decoded.
+pub(super) async fn inline_images(
+    state: &AppState,
+    samples: &[(&str, &str)],
+    what: &str,
+) -> Result<Vec<image::DynamicImage>, ApiError> {
     if samples.len() > MAX_INLINE_SAMPLES {
         return Err(bad(
             "samples",
@@ -182,27 +199,22 @@ async fn inline_samples(state: &AppState, samples: &[SampleIn]) -> Result<Vec<Ca
     }
     let limits = state.fetcher.limits().clone();
     let mut refs = Vec::with_capacity(samples.len());
-    for (i, s) in samples.iter().enumerate() {
-        if s.prompt.trim().is_empty() {
+    for (i, (image, prompt)) in samples.iter().enumerate() {
+        if prompt.trim().is_empty() {
             return Err(bad(&format!("samples[{i}].prompt"), "the prompt is empty".into()));
         }
-        refs.push(parse_url(&s.image, format!("samples[{i}].image"), &limits)?);
+        refs.push(parse_url(image, format!("samples[{i}].image"), &limits)?);
     }
     let bytes = state.fetcher.fetch_all(&refs).await?;
-    let prompts: Vec<String> = samples.iter().map(|s| s.prompt.clone()).collect();
-    tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || -> Result<Vec<image::DynamicImage>, ApiError> {
         let mut budget = JobImages::default();
         for (b, r) in bytes.iter().zip(&refs) {
             budget.admit(&inspect(b, &r.param, &limits)?, &r.param)?;
         }
-        let mut out = Vec::with_capacity(prompts.len());
-        for ((b, r), prompt) in bytes.iter().zip(&refs).zip(prompts) {
-            out.push(CalibrationSample { image: decode(b, &r.param, &limits)?, prompt });
-        }
-        Ok(out)
+        bytes.iter().zip(&refs).map(|(b, r)| decode(b, &r.param, &limits).map_err(ApiError::from)).collect()
     })
     .await
-    .map_err(|e| ApiError::Internal(format!("decoding calibration images panicked: {e}")))?
+    .map_err(|e| ApiError::Internal(format!("decoding {what} images panicked: {e}")))?
 }
 
 /// Reads a dataset and its images from the data root (blocking). Lines are counted before any

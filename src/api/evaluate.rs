@@ -28,12 +28,12 @@ use crate::store::evaluations::{self, EvalSettings, NewEvaluation};
 use crate::store::jobs::JobStatus;
 use crate::store::{new_id, recipes};
 use crate::validation::data_root::{DataRoot, DataRootError};
-use crate::validation::images::{decode, inspect, parse_url};
+use crate::validation::images::{decode, inspect};
 use crate::validation::ImageLimits;
 
 use super::admin::{admin, AdminState};
 use super::calibrate::{
-    dataset_error, JobImages, MAX_BUDGETS, MAX_DATASET_FILE_BYTES, MAX_DATASET_SAMPLES, MAX_INLINE_SAMPLES,
+    dataset_error, inline_images, JobImages, MAX_BUDGETS, MAX_DATASET_FILE_BYTES, MAX_DATASET_SAMPLES,
 };
 use super::error::ApiError;
 use super::extract::ApiJson;
@@ -327,42 +327,22 @@ async fn inline_samples(
     samples: &[EvalSampleIn],
     format: Option<AnswerKind>,
 ) -> Result<(Vec<EvalSample>, Vec<image::DynamicImage>), ApiError> {
-    if samples.len() > MAX_INLINE_SAMPLES {
-        return Err(bad(
-            "samples",
-            format!(
-                "{} samples; at most {MAX_INLINE_SAMPLES} inline (up to {MAX_DATASET_SAMPLES} through a dataset)",
-                samples.len()
-            ),
-        ));
-    }
-    let limits = state.fetcher.limits().clone();
-    let mut refs = Vec::with_capacity(samples.len());
-    let mut out = Vec::with_capacity(samples.len());
-    for (i, s) in samples.iter().enumerate() {
-        if s.prompt.trim().is_empty() {
-            return Err(bad(&format!("samples[{i}].prompt"), "the prompt is empty".into()));
-        }
-        refs.push(parse_url(&s.image, format!("samples[{i}].image"), &limits)?);
-        let labels = labels_of(s.answer.as_ref());
-        let question_id = match &s.question_id {
-            Some(QuestionId::Text(q)) => q.clone(),
-            Some(QuestionId::Number(n)) => n.to_string(),
-            None => (i + 1).to_string(),
-        };
-        let kind = format.unwrap_or_else(|| infer_kind(&labels));
-        out.push(EvalSample { question_id, image: PathBuf::new(), text: s.prompt.clone(), labels, kind });
-    }
-    let bytes = state.fetcher.fetch_all(&refs).await?;
-    let images = tokio::task::spawn_blocking(move || -> Result<Vec<image::DynamicImage>, ApiError> {
-        let mut budget = JobImages::default();
-        for (b, r) in bytes.iter().zip(&refs) {
-            budget.admit(&inspect(b, &r.param, &limits)?, &r.param)?;
-        }
-        bytes.iter().zip(&refs).map(|(b, r)| decode(b, &r.param, &limits).map_err(ApiError::from)).collect()
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("decoding evaluation images panicked: {e}")))??;
+    let parts: Vec<(&str, &str)> = samples.iter().map(|s| (s.image.as_str(), s.prompt.as_str())).collect();
+    let images = inline_images(state, &parts, "evaluation").await?;
+    let out = samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let labels = labels_of(s.answer.as_ref());
+            let question_id = match &s.question_id {
+                Some(QuestionId::Text(q)) => q.clone(),
+                Some(QuestionId::Number(n)) => n.to_string(),
+                None => (i + 1).to_string(),
+            };
+            let kind = format.unwrap_or_else(|| infer_kind(&labels));
+            EvalSample { question_id, image: PathBuf::new(), text: s.prompt.clone(), labels, kind }
+        })
+        .collect();
     Ok((out, images))
 }
 

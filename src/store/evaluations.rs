@@ -231,36 +231,7 @@ pub async fn get(db: &sqlx::SqlitePool, id: &str) -> Result<Option<Evaluation>, 
 
 /// A page of evaluations, newest first (ties by id), starting after the evaluation `after`.
 pub async fn page(db: &sqlx::SqlitePool, after: Option<&str>, limit: usize) -> Result<Page<Evaluation>, StoreError> {
-    let cursor: Option<(String, String)> = match after {
-        None => None,
-        Some(id) => Some(
-            sqlx::query_as("SELECT created_at, id FROM evaluation_jobs WHERE id = ?")
-                .bind(id)
-                .fetch_optional(db)
-                .await?
-                .ok_or_else(|| StoreError::UnknownCursor(id.to_string()))?,
-        ),
-    };
-    let order = "ORDER BY created_at DESC, id LIMIT ?";
-    let rows: Vec<JobRow> = match cursor {
-        None => {
-            sqlx::query_as(&format!("SELECT {COLUMNS} FROM evaluation_jobs {order}"))
-                .bind(limit as i64 + 1)
-                .fetch_all(db)
-                .await?
-        }
-        Some((created, id)) => {
-            sqlx::query_as(&format!(
-                "SELECT {COLUMNS} FROM evaluation_jobs WHERE created_at < ? OR (created_at = ? AND id > ?) {order}"
-            ))
-            .bind(&created)
-            .bind(&created)
-            .bind(id)
-            .bind(limit as i64 + 1)
-            .fetch_all(db)
-            .await?
-        }
-    };
+    let rows: Vec<JobRow> = super::newest_after(db, "evaluation_jobs", COLUMNS, after, limit).await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
         let r = results(db, &row.id).await?;

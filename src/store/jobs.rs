@@ -166,36 +166,7 @@ pub async fn list(db: impl SqliteExecutor<'_>) -> Result<Vec<Job>, StoreError> {
 
 /// A page of jobs, newest first like [`list`], starting after the job `after`.
 pub async fn page(db: &sqlx::SqlitePool, after: Option<&str>, limit: usize) -> Result<Page<Job>, StoreError> {
-    let cursor: Option<(String, String)> = match after {
-        None => None,
-        Some(id) => Some(
-            sqlx::query_as("SELECT created_at, id FROM calibration_jobs WHERE id = ?")
-                .bind(id)
-                .fetch_optional(db)
-                .await?
-                .ok_or_else(|| StoreError::UnknownCursor(id.to_string()))?,
-        ),
-    };
-    let order = "ORDER BY created_at DESC, id LIMIT ?";
-    let rows: Vec<Row> = match cursor {
-        None => {
-            sqlx::query_as(&format!("SELECT {COLUMNS} FROM calibration_jobs {order}"))
-                .bind(limit as i64 + 1)
-                .fetch_all(db)
-                .await?
-        }
-        Some((created, id)) => {
-            sqlx::query_as(&format!(
-                "SELECT {COLUMNS} FROM calibration_jobs WHERE created_at < ? OR (created_at = ? AND id > ?) {order}"
-            ))
-            .bind(&created)
-            .bind(&created)
-            .bind(id)
-            .bind(limit as i64 + 1)
-            .fetch_all(db)
-            .await?
-        }
-    };
+    let rows: Vec<Row> = super::newest_after(db, "calibration_jobs", COLUMNS, after, limit).await?;
     let jobs = rows.into_iter().map(Row::into_job).collect::<Result<Vec<_>, _>>()?;
     Ok(Page::from_rows(jobs, limit))
 }

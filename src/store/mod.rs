@@ -72,6 +72,51 @@ impl<T> Page<T> {
     }
 }
 
+/// `limit + 1` rows of `table` (the `columns` given), newest first (ties by id), starting after the
+/// row whose id is `after`: the keyset query job listings share. `table` and `columns` are this
+/// module's constants, never request input.
+async fn newest_after<R>(
+    db: &SqlitePool,
+    table: &str,
+    columns: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<R>, StoreError>
+where
+    R: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
+{
+    let cursor: Option<(String, String)> = match after {
+        None => None,
+        Some(id) => Some(
+            sqlx::query_as(&format!("SELECT created_at, id FROM {table} WHERE id = ?"))
+                .bind(id)
+                .fetch_optional(db)
+                .await?
+                .ok_or_else(|| StoreError::UnknownCursor(id.to_string()))?,
+        ),
+    };
+    let order = "ORDER BY created_at DESC, id LIMIT ?";
+    Ok(match cursor {
+        None => {
+            sqlx::query_as(&format!("SELECT {columns} FROM {table} {order}"))
+                .bind(limit as i64 + 1)
+                .fetch_all(db)
+                .await?
+        }
+        Some((created, id)) => {
+            sqlx::query_as(&format!(
+                "SELECT {columns} FROM {table} WHERE created_at < ? OR (created_at = ? AND id > ?) {order}"
+            ))
+            .bind(&created)
+            .bind(&created)
+            .bind(id)
+            .bind(limit as i64 + 1)
+            .fetch_all(db)
+            .await?
+        }
+    })
+}
+
 /// The current UTC time as stored in rows and recipes (RFC 3339, milliseconds).
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
