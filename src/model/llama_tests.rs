@@ -524,3 +524,37 @@ fn device_rope_table_equals_host_tables_inside_and_past_the_table() {
 fn rows_of(t: &Tensor) -> Vec<Vec<f32>> {
     t.to_vec2::<f32>().unwrap()
 }
+
+#[test]
+fn stacked_qkv_projection_equals_the_three_projections_bit_for_bit() {
+    use super::llama::Attention;
+    let mut c = cfg();
+    c.attention_bias = true;
+    let dev = Device::Cpu;
+    let rows = 37;
+    let mut w = HashMap::new();
+    for (name, out) in
+        [("q_proj", HIDDEN), ("k_proj", KV_HEADS * HEAD_DIM), ("v_proj", KV_HEADS * HEAD_DIM), ("o_proj", HIDDEN)]
+    {
+        w.insert(format!("{name}.weight"), Tensor::randn(0f32, 0.3, (out, HIDDEN), &dev).unwrap());
+        w.insert(format!("{name}.bias"), Tensor::randn(0f32, 0.3, out, &dev).unwrap());
+    }
+    let attn = Attention::load(VarBuilder::from_tensors(w.clone(), DType::F32, &dev), &c).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, rows, HIDDEN), &dev).unwrap();
+    let cos = Tensor::randn(0f32, 1.0, (rows, HEAD_DIM / 2), &dev).unwrap();
+    let sin = Tensor::randn(0f32, 1.0, (rows, HEAD_DIM / 2), &dev).unwrap();
+    let (q, k, v) = attn.project(&x, &cos, &sin).unwrap();
+    let one = |name: &str, heads: usize| {
+        let lin =
+            candle_nn::Linear::new(w[&format!("{name}.weight")].clone(), Some(w[&format!("{name}.bias")].clone()));
+        let y = candle_nn::Module::forward(&lin, &x).unwrap();
+        y.reshape((2, rows, heads, HEAD_DIM)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
+    };
+    let bits = |t: &Tensor| {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect::<Vec<_>>()
+    };
+    let rope = |t: Tensor| candle_nn::rotary_emb::rope(&t, &cos, &sin).unwrap();
+    assert_eq!(bits(&q), bits(&rope(one("q_proj", HEADS))));
+    assert_eq!(bits(&k), bits(&rope(one("k_proj", KV_HEADS))));
+    assert_eq!(bits(&v), bits(&one("v_proj", KV_HEADS)));
+}
