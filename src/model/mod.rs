@@ -9,6 +9,7 @@ pub mod convnext;
 pub mod demo;
 pub mod demo_hr;
 pub mod demo_tokenizer;
+mod dense;
 pub mod fingerprint;
 mod gated_mlp;
 mod hr;
