@@ -1,4 +1,4 @@
-//! The decoder's linear layers with their weights stored transposed, (in, out) row-major.
+//! The decoder's and the CLIP tower's linear layers, weights stored transposed, (in, out) row-major.
 //!
 //! candle's `Linear` keeps the checkpoint's (out, in) layout and multiplies by its transposed
 //! view, so the CPU gemm packs a strided right-hand side on every call, and candle zeroes each

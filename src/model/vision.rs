@@ -6,7 +6,9 @@
 //! index run; `post_layernorm` is never used and so never loaded.
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, Embedding, LayerNorm, VarBuilder};
+
+use super::dense::Dense;
 
 use super::config::{resolve_hidden_state_index, Activation, FeatureSelect, LlavaConfig, VisionConfig};
 use super::{ModelError, Result};
@@ -59,10 +61,9 @@ impl Embeddings {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    /// `q_proj`, `k_proj`, `v_proj` stacked, as in the decoder (`super::dense`).
+    qkv_proj: Dense,
+    out_proj: Dense,
     heads: usize,
     head_dim: usize,
 }
@@ -71,10 +72,12 @@ impl Attention {
     fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
-            q_proj: candle_nn::linear(d, d, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear(d, d, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear(d, d, vb.pp("v_proj"))?,
-            out_proj: candle_nn::linear(d, d, vb.pp("out_proj"))?,
+            qkv_proj: Dense::stacked(&[
+                candle_nn::linear(d, d, vb.pp("q_proj"))?,
+                candle_nn::linear(d, d, vb.pp("k_proj"))?,
+                candle_nn::linear(d, d, vb.pp("v_proj"))?,
+            ])?,
+            out_proj: Dense::new(&candle_nn::linear(d, d, vb.pp("out_proj"))?)?,
             heads: cfg.num_attention_heads,
             head_dim: d / cfg.num_attention_heads,
         })
@@ -82,20 +85,19 @@ impl Attention {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, s, d) = x.dims3()?;
-        let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+        let qkv = self.qkv_proj.forward(x)?.reshape((b, s, 3 * self.heads, self.head_dim))?;
+        let split = |i: usize| -> Result<Tensor> {
+            Ok(qkv.narrow(2, i * self.heads, self.heads)?.transpose(1, 2)?.contiguous()?)
         };
-        let q = split(self.q_proj.forward(x)?)?;
-        let k = split(self.k_proj.forward(x)?)?;
-        let v = split(self.v_proj.forward(x)?)?;
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         if let Some((out, _)) = super::attn_cpu::attend(&q, &k, &v, None, scale, false)? {
-            return Ok(self.out_proj.forward(&out)?);
+            return self.out_proj.forward(&out);
         }
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(candle_core::DType::F32)?)?;
         let out = probs.to_dtype(v.dtype())?.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))?;
-        Ok(self.out_proj.forward(&out)?)
+        self.out_proj.forward(&out)
     }
 }
 
@@ -104,8 +106,8 @@ impl Attention {
 pub(super) struct EncoderLayer {
     self_attn: Attention,
     layer_norm1: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
     layer_norm2: LayerNorm,
     act: Activation,
 }
@@ -116,8 +118,8 @@ impl EncoderLayer {
         Ok(Self {
             self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
             layer_norm1: candle_nn::layer_norm(d, eps, vb.pp("layer_norm1"))?,
-            fc1: candle_nn::linear(d, m, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(m, d, vb.pp("mlp.fc2"))?,
+            fc1: Dense::new(&candle_nn::linear(d, m, vb.pp("mlp.fc1"))?)?,
+            fc2: Dense::new(&candle_nn::linear(m, d, vb.pp("mlp.fc2"))?)?,
             layer_norm2: candle_nn::layer_norm(d, eps, vb.pp("layer_norm2"))?,
             act: cfg.hidden_act,
         })
