@@ -27,7 +27,7 @@ use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::Result;
+use super::{cpu_gemm, Result};
 
 /// Most query rows per task: 128 rows of a 2,354-key prompt are 1.2 MB of scores, which stay in
 /// a core's L2, and a 590-token prompt splits into 16 heads × 5 blocks, enough tasks to keep
@@ -142,25 +142,14 @@ pub(super) fn attend(
             // SAFETY: every operand is addressed inside its tensor's storage by the dims and
             // strides checked above; `scores` holds (n - 1) * ld + seen elements.
             unsafe {
-                gemm::gemm(
-                    n,
-                    seen,
-                    d,
+                cpu_gemm::overwrite(
+                    (n, seen, d),
                     scores.as_mut_ptr(),
-                    1,
-                    ld as isize,
-                    false,
+                    ld,
                     q_ptr,
-                    1,
-                    d as isize,
+                    d,
                     k_ptr,
-                    ks_[2] as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
+                    (1, ks_[2]),
                     Parallelism::None,
                 );
             }
@@ -171,25 +160,14 @@ pub(super) fn attend(
             // SAFETY: rows r0..r0 + n, columns h * d..(h + 1) * d of (b, rows, width) belong to
             // this task alone; `v` as above.
             unsafe {
-                gemm::gemm(
-                    n,
-                    d,
-                    seen,
+                cpu_gemm::overwrite(
+                    (n, d, seen),
                     out_ptr.get().add((bi * rows + r0) * width + h * d),
-                    1,
-                    width as isize,
-                    false,
+                    width,
                     scores.as_ptr(),
-                    1,
-                    ld as isize,
+                    ld,
                     v_ptr,
-                    1,
-                    vs_[2] as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
+                    (vs_[2], 1),
                     Parallelism::None,
                 );
             }

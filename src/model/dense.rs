@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use candle_nn::Linear;
 use gemm::Parallelism;
 
-use super::Result;
+use super::{cpu_gemm, Result};
 
 /// A linear layer `x Wᵀ + b` holding `Wᵀ` contiguous.
 #[derive(Debug, Clone)]
@@ -86,25 +86,14 @@ impl Dense {
             // room for `batches` (m, n) ones, and with `read_dst` false gemm writes every element
             // of its block (k > 0) without reading it, so the length is set once all are written.
             unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
+                cpu_gemm::overwrite(
+                    (m, n, k),
                     out.as_mut_ptr().add(i * m * n),
-                    1,
-                    n as isize,
-                    false,
+                    n,
                     lhs.as_ptr().add(i * m * k),
-                    1,
-                    k as isize,
+                    k,
                     rhs.as_ptr(),
-                    1,
-                    n as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
+                    (n, 1),
                     parallelism,
                 );
             }

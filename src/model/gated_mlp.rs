@@ -1,4 +1,5 @@
-//! The gated MLP's `act(gate) * up` in place on the CPU, for SiLU (Llama, Mistral).
+//! The decoder layer's gated MLP, and its `act(gate) * up` done in place on the CPU for SiLU
+//! (Llama, Mistral).
 //!
 //! The composite (`silu`, then `*`) allocates two (rows, intermediate) tensors per layer — 6.7 MB
 //! each on the bench preset's 594-token prompt — and makes two passes; here the gate
@@ -11,8 +12,38 @@
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor};
 use rayon::prelude::*;
 
-use super::config::Activation;
+use candle_nn::VarBuilder;
+
+use super::config::{Activation, TextConfig};
+use super::dense::Dense;
+use super::llama::linear;
 use super::Result;
+
+/// The decoder layer's gated MLP: `down(act(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub(super) struct Mlp {
+    gate_proj: Dense,
+    up_proj: Dense,
+    down_proj: Dense,
+    act: Activation,
+}
+
+impl Mlp {
+    pub(super) fn load(vb: VarBuilder, cfg: &TextConfig) -> Result<Self> {
+        let (d, m, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: Dense::new(&linear(d, m, b, vb.pp("gate_proj"))?)?,
+            up_proj: Dense::new(&linear(d, m, b, vb.pp("up_proj"))?)?,
+            down_proj: Dense::new(&linear(m, d, b, vb.pp("down_proj"))?)?,
+            act: cfg.hidden_act,
+        })
+    }
+
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gated = act_mul(self.act, self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&gated)
+    }
+}
 
 /// Rows of work per thread task: big enough that scheduling costs nothing next to the `exp`s.
 const CHUNK: usize = 16 * 1024;

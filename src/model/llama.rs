@@ -18,7 +18,7 @@ use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
 use super::dense::Dense;
 
-use super::config::{Activation, TextConfig};
+use super::config::TextConfig;
 use super::Result;
 
 /// Receives attention probabilities during a forward pass and may prune rows.
@@ -273,7 +273,7 @@ pub(super) fn position_mask(
     Ok(Some(visible.where_cond(&zero, &blocked)?))
 }
 
-fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+pub(super) fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     Ok(if bias { candle_nn::linear(in_dim, out_dim, vb)? } else { candle_nn::linear_no_bias(in_dim, out_dim, vb)? })
 }
 
@@ -377,34 +377,9 @@ impl Attention {
 }
 
 #[derive(Debug, Clone)]
-struct Mlp {
-    gate_proj: Dense,
-    up_proj: Dense,
-    down_proj: Dense,
-    act: Activation,
-}
-
-impl Mlp {
-    fn load(vb: VarBuilder, cfg: &TextConfig) -> Result<Self> {
-        let (d, m, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
-        Ok(Self {
-            gate_proj: Dense::new(&linear(d, m, b, vb.pp("gate_proj"))?)?,
-            up_proj: Dense::new(&linear(d, m, b, vb.pp("up_proj"))?)?,
-            down_proj: Dense::new(&linear(m, d, b, vb.pp("down_proj"))?)?,
-            act: cfg.hidden_act,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = super::gated_mlp::act_mul(self.act, self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
-        self.down_proj.forward(&gated)
-    }
-}
-
-#[derive(Debug, Clone)]
 pub(super) struct DecoderLayer {
     pub(super) self_attn: Attention,
-    mlp: Mlp,
+    mlp: super::gated_mlp::Mlp,
     pub(super) input_layernorm: RmsNorm,
     post_attention_layernorm: RmsNorm,
 }
@@ -451,7 +426,7 @@ impl DecoderLayer {
         let (d, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         Ok(Self {
             self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
-            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            mlp: super::gated_mlp::Mlp::load(vb.pp("mlp"), cfg)?,
             input_layernorm: candle_nn::rms_norm(d, eps, vb.pp("input_layernorm"))?,
             post_attention_layernorm: candle_nn::rms_norm(d, eps, vb.pp("post_attention_layernorm"))?,
         })

@@ -6,6 +6,7 @@ pub mod anyres;
 mod attn_cpu;
 pub mod config;
 pub mod convnext;
+mod cpu_gemm;
 pub mod demo;
 pub mod demo_hr;
 pub mod demo_tokenizer;

@@ -162,6 +162,9 @@ impl JobRow {
     }
 }
 
+/// The table this module reads and writes.
+const TABLE: &str = "evaluation_jobs";
+
 const COLUMNS: &str = "id, status, model_fingerprint, name, budgets, methods, recipe_ids, samples, labelled, \
                        max_new_tokens, seed, fastv_layer, visual_tokens, progress_done, progress_total, phase, \
                        error, created_at, started_at, finished_at";
@@ -231,7 +234,7 @@ pub async fn get(db: &sqlx::SqlitePool, id: &str) -> Result<Option<Evaluation>, 
 
 /// A page of evaluations, newest first (ties by id), starting after the evaluation `after`.
 pub async fn page(db: &sqlx::SqlitePool, after: Option<&str>, limit: usize) -> Result<Page<Evaluation>, StoreError> {
-    let rows: Vec<JobRow> = super::newest_after(db, "evaluation_jobs", COLUMNS, after, limit).await?;
+    let rows: Vec<JobRow> = super::newest_after(db, TABLE, COLUMNS, after, limit).await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
         let r = results(db, &row.id).await?;
@@ -242,27 +245,12 @@ pub async fn page(db: &sqlx::SqlitePool, after: Option<&str>, limit: usize) -> R
 
 /// queued -> running. `false` if the evaluation was no longer queued (e.g. cancelled meanwhile).
 pub async fn start(db: impl SqliteExecutor<'_>, id: &str, at: &str) -> Result<bool, StoreError> {
-    let r =
-        sqlx::query("UPDATE evaluation_jobs SET status = 'running', started_at = ? WHERE id = ? AND status = 'queued'")
-            .bind(at)
-            .bind(id)
-            .execute(db)
-            .await?;
-    Ok(r.rows_affected() > 0)
+    super::start_job(db, TABLE, id, at).await
 }
 
 /// Records progress of a running evaluation.
 pub async fn progress(db: impl SqliteExecutor<'_>, id: &str, p: &Progress) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE evaluation_jobs SET progress_done = ?, progress_total = ?, phase = ? WHERE id = ? AND status = 'running'",
-    )
-    .bind(p.done as i64)
-    .bind(p.total as i64)
-    .bind(&p.phase)
-    .bind(id)
-    .execute(db)
-    .await?;
-    Ok(())
+    super::job_progress(db, TABLE, id, p).await
 }
 
 /// Moves a non-final evaluation to failed or cancelled. `false` if it was already final.
@@ -340,14 +328,7 @@ pub async fn succeed(
 /// At start-up: evaluations a previous process left queued or running cannot resume (their
 /// images lived in memory), so they become `failed` with a reason, as calibration jobs do.
 pub async fn fail_interrupted(db: impl SqliteExecutor<'_>, at: &str) -> Result<u64, StoreError> {
-    let r = sqlx::query(
-        "UPDATE evaluation_jobs SET status = 'failed', error = 'interrupted by restart', finished_at = ? \
-         WHERE status IN ('queued', 'running')",
-    )
-    .bind(at)
-    .execute(db)
-    .await?;
-    Ok(r.rows_affected())
+    super::fail_interrupted_jobs(db, TABLE, at).await
 }
 
 #[cfg(test)]

@@ -113,6 +113,9 @@ impl Row {
     }
 }
 
+/// The table this module reads and writes.
+const TABLE: &str = "calibration_jobs";
+
 const COLUMNS: &str = "id, status, model_fingerprint, name, budgets, tolerance, samples, progress_done, \
                        progress_total, phase, error, recipe_ids, created_at, started_at, finished_at";
 
@@ -166,33 +169,19 @@ pub async fn list(db: impl SqliteExecutor<'_>) -> Result<Vec<Job>, StoreError> {
 
 /// A page of jobs, newest first like [`list`], starting after the job `after`.
 pub async fn page(db: &sqlx::SqlitePool, after: Option<&str>, limit: usize) -> Result<Page<Job>, StoreError> {
-    let rows: Vec<Row> = super::newest_after(db, "calibration_jobs", COLUMNS, after, limit).await?;
+    let rows: Vec<Row> = super::newest_after(db, TABLE, COLUMNS, after, limit).await?;
     let jobs = rows.into_iter().map(Row::into_job).collect::<Result<Vec<_>, _>>()?;
     Ok(Page::from_rows(jobs, limit))
 }
 
 /// queued -> running. `false` if the job was no longer queued (e.g. cancelled meanwhile).
 pub async fn start(db: impl SqliteExecutor<'_>, id: &str, at: &str) -> Result<bool, StoreError> {
-    let r = sqlx::query(
-        "UPDATE calibration_jobs SET status = 'running', started_at = ? WHERE id = ? AND status = 'queued'",
-    )
-    .bind(at)
-    .bind(id)
-    .execute(db)
-    .await?;
-    Ok(r.rows_affected() > 0)
+    super::start_job(db, TABLE, id, at).await
 }
 
 /// Records progress of a running job.
 pub async fn progress(db: impl SqliteExecutor<'_>, id: &str, p: &Progress) -> Result<(), StoreError> {
-    sqlx::query("UPDATE calibration_jobs SET progress_done = ?, progress_total = ?, phase = ? WHERE id = ? AND status = 'running'")
-        .bind(p.done as i64)
-        .bind(p.total as i64)
-        .bind(&p.phase)
-        .bind(id)
-        .execute(db)
-        .await?;
-    Ok(())
+    super::job_progress(db, TABLE, id, p).await
 }
 
 /// Moves a non-final job to a final status. `false` if it was already final.
@@ -222,14 +211,7 @@ pub async fn finish(
 /// lived in memory), so they become `failed` with a reason. Queued jobs stay queued only if the
 /// caller still has their samples; the server, which does not, fails those too.
 pub async fn fail_interrupted(db: impl SqliteExecutor<'_>, at: &str) -> Result<u64, StoreError> {
-    let r = sqlx::query(
-        "UPDATE calibration_jobs SET status = 'failed', error = 'interrupted by restart', finished_at = ? \
-         WHERE status IN ('queued', 'running')",
-    )
-    .bind(at)
-    .execute(db)
-    .await?;
-    Ok(r.rows_affected())
+    super::fail_interrupted_jobs(db, TABLE, at).await
 }
 
 #[cfg(test)]

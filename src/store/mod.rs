@@ -9,6 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::SqliteExecutor;
 
 /// The embedded migrations.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
@@ -115,6 +116,51 @@ where
             .await?
         }
     })
+}
+
+/// queued -> running for a row of a job `table` (calibration or evaluation jobs; this module's
+/// constants, never request input). `false` if it was no longer queued (e.g. cancelled meanwhile).
+async fn start_job(db: impl SqliteExecutor<'_>, table: &str, id: &str, at: &str) -> Result<bool, StoreError> {
+    let r = sqlx::query(&format!(
+        "UPDATE {table} SET status = 'running', started_at = ? WHERE id = ? AND status = 'queued'"
+    ))
+    .bind(at)
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected() > 0)
+}
+
+/// Records the progress of a running row of a job `table`.
+async fn job_progress(
+    db: impl SqliteExecutor<'_>,
+    table: &str,
+    id: &str,
+    p: &jobs::Progress,
+) -> Result<(), StoreError> {
+    sqlx::query(&format!(
+        "UPDATE {table} SET progress_done = ?, progress_total = ?, phase = ? WHERE id = ? AND status = 'running'"
+    ))
+    .bind(p.done as i64)
+    .bind(p.total as i64)
+    .bind(&p.phase)
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// At start-up, every queued or running row of a job `table` becomes `failed`, "interrupted by
+/// restart": the count.
+async fn fail_interrupted_jobs(db: impl SqliteExecutor<'_>, table: &str, at: &str) -> Result<u64, StoreError> {
+    let r = sqlx::query(&format!(
+        "UPDATE {table} SET status = 'failed', error = 'interrupted by restart', finished_at = ? \
+         WHERE status IN ('queued', 'running')"
+    ))
+    .bind(at)
+    .execute(db)
+    .await?;
+    Ok(r.rows_affected())
 }
 
 /// The current UTC time as stored in rows and recipes (RFC 3339, milliseconds).
