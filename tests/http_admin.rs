@@ -6,7 +6,7 @@ mod http_common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use http_common::{args, assert_error, data_url, start_with, TestServer};
+use http_common::{admin_call, args, assert_error, data_url, start_stoppable, start_with, StoppableServer, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -24,13 +24,7 @@ async fn server(db: &Path, extra: &[&str]) -> TestServer {
 }
 
 async fn admin(s: &TestServer, method: reqwest::Method, path: &str, body: Option<&Value>) -> (StatusCode, Value) {
-    let mut req = s.client.request(method, format!("{}{path}", s.base)).bearer_auth(TOKEN);
-    if let Some(b) = body {
-        req = req.json(b);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    admin_call(s, TOKEN, method, path, body).await
 }
 
 fn samples(n: usize) -> Value {
@@ -252,19 +246,7 @@ async fn a_job_running_at_shutdown_is_recorded_as_interrupted_before_exit() {
     let db = tmp.path().join("s.db");
     let url = format!("sqlite://{}", db.display());
     let cfg = args(&["--database-url", &url, "--admin-token", TOKEN, "--shutdown-timeout", "0.2"]).validate().unwrap();
-    let (state, worker, _) = fitprune::server::start(&cfg).await.unwrap();
-    http_common::wait_ready(&state).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let s = TestServer {
-        base: format!("http://{}", listener.local_addr().unwrap()),
-        state: state.clone(),
-        client: reqwest::Client::new(),
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let stop = async move {
-        let _ = stop_rx.await;
-    };
-    let served = tokio::spawn(fitprune::server::serve(listener, state, worker, stop, cfg.shutdown_timeout));
+    let StoppableServer { server: s, stop: stop_tx, served } = start_stoppable(cfg).await;
     let body = json!({"budgets": [0.2, 0.4, 0.6, 0.8], "samples": samples(12), "tolerance": 0.001});
     let (status, created) = admin(&s, reqwest::Method::POST, "/admin/calibrate", Some(&body)).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{created}");

@@ -14,7 +14,9 @@ use fitprune::model::llava::LoadOptions;
 use fitprune::model::LlavaModel;
 use fitprune::pruning::calibrate::Silent;
 use fitprune::pruning::Recipe;
-use http_common::{args_for, assert_error, data_url, start_with, TestServer};
+use http_common::{
+    admin_call, args_for, assert_error, data_url, start_stoppable, start_with, StoppableServer, TestServer,
+};
 use reqwest::{Method as Http, StatusCode};
 use serde_json::{json, Value};
 
@@ -77,13 +79,7 @@ async fn server(dir: &Path, extra: &[&str]) -> TestServer {
 }
 
 async fn admin(s: &TestServer, method: Http, path: &str, body: Option<&Value>) -> (StatusCode, Value) {
-    let mut req = s.client.request(method, format!("{}{path}", s.base)).bearer_auth(TOKEN);
-    if let Some(b) = body {
-        req = req.json(b);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    admin_call(s, TOKEN, method, path, body).await
 }
 
 async fn wait_eval(s: &TestServer, id: &str, until: &[&str]) -> Value {
@@ -367,19 +363,7 @@ async fn an_evaluation_running_at_shutdown_is_recorded_as_interrupted() {
     let url = format!("sqlite://{}", tmp.path().join("fp.db").display());
     let flags = ["--database-url", url.as_str(), "--admin-token", TOKEN, "--shutdown-timeout", "0.2"];
     let cfg = args_for(&trained().join("model"), &flags).validate().unwrap();
-    let (state, worker, _) = fitprune::server::start(&cfg).await.unwrap();
-    http_common::wait_ready(&state).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let s = TestServer {
-        base: format!("http://{}", listener.local_addr().unwrap()),
-        state: state.clone(),
-        client: reqwest::Client::new(),
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let stop = async move {
-        let _ = stop_rx.await;
-    };
-    let served = tokio::spawn(fitprune::server::serve(listener, state, worker, stop, cfg.shutdown_timeout));
+    let StoppableServer { server: s, stop: stop_tx, served } = start_stoppable(cfg).await;
     let id = post_eval(&s, &json!({"budgets": [0], "samples": inline(0..64), "max_new_tokens": 32})).await;
     wait_eval(&s, &id, &["running"]).await;
     drop(s);

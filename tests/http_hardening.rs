@@ -14,13 +14,7 @@ use serde_json::{json, Value};
 const TOKEN: &str = "t0ken";
 
 async fn call(s: &TestServer, method: Method, path: &str, body: Option<&Value>) -> (StatusCode, Value) {
-    let mut req = s.client.request(method, format!("{}{path}", s.base)).bearer_auth(TOKEN);
-    if let Some(b) = body {
-        req = req.json(b);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    admin_call(s, TOKEN, method, path, body).await
 }
 
 async fn raw(s: &TestServer, path: &str, auth: &str, body: &str) -> (StatusCode, Value) {

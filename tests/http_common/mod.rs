@@ -105,6 +105,50 @@ pub async fn serve(state: AppState) -> TestServer {
     TestServer { base: format!("http://{addr}"), state, client: reqwest::Client::new() }
 }
 
+/// A server run through `fitprune::server::serve`, as `fitprune serve` runs it, with a handle to
+/// shut it down gracefully: send on `stop`, then await `served`.
+pub struct StoppableServer {
+    pub server: TestServer,
+    pub stop: tokio::sync::oneshot::Sender<()>,
+    pub served: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Starts `cfg` as a [`StoppableServer`] once the model has loaded.
+pub async fn start_stoppable(cfg: fitprune::config::ServerConfig) -> StoppableServer {
+    let (state, worker, _) = fitprune::server::start(&cfg).await.unwrap();
+    wait_ready(&state).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = TestServer {
+        base: format!("http://{}", listener.local_addr().unwrap()),
+        state: state.clone(),
+        client: reqwest::Client::new(),
+    };
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let until = async move {
+        let _ = stop_rx.await;
+    };
+    let served = tokio::spawn(fitprune::server::serve(listener, state, worker, until, cfg.shutdown_timeout));
+    StoppableServer { server, stop, served }
+}
+
+/// An admin request with `token` as its bearer and `body` as JSON: the status and the JSON reply
+/// (`null` if it is not JSON).
+pub async fn admin_call(
+    s: &TestServer,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&Value>,
+) -> (reqwest::StatusCode, Value) {
+    let mut req = s.client.request(method, format!("{}{path}", s.base)).bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
 /// Polls until the engine has loaded the model.
 pub async fn wait_ready(state: &AppState) {
     let start = Instant::now();
