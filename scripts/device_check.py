@@ -44,10 +44,10 @@ def log(msg):
     print(f"[device-check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run(cmd, **kw):
-    log("$ " + " ".join(str(c) for c in cmd))
+def run(cmd, env_extra=None, **kw):
+    log("$ " + " ".join(str(c) for c in cmd) + (f"  (env {env_extra})" if env_extra else ""))
     t = time.time()
-    env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+    env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **(env_extra or {})}
     out = subprocess.run([str(c) for c in cmd], check=True, text=True, stdout=subprocess.PIPE, env=env, **kw)
     log(f"  done in {time.time() - t:.1f}s")
     return out.stdout
@@ -78,12 +78,21 @@ def parity_cases(work, binary):
     return cases
 
 
-def generate(binary, model, family, pruned, device, dtype):
+# FITPRUNE_ATTENTION=eager turns the fused attention kernels off (src/model/fused_attn.rs).
+EAGER = {"FITPRUNE_ATTENTION": "eager"}
+
+
+def has_fused_attention(binary):
+    """Whether the binary was built with the flash-attn feature (its version line names it)."""
+    return "flash-attn" in run([binary, "--version"])
+
+
+def generate(binary, model, family, pruned, device, dtype, env_extra=None):
     cmd = [binary, "generate", "--model", model, "--image", IMAGES[family], "--prompt", PROMPT,
            "--max-tokens", PARITY_TOKENS, "--top-logprobs", 3, "--json", "--device", device, "--dtype", dtype]
     if pruned:
         cmd += ["--recipe", RECIPE]
-    doc = json.loads(run(cmd))
+    doc = json.loads(run(cmd, env_extra))
     return {
         "prompt_token_ids": doc["prompt_token_ids"],
         "tokens": [{"id": t["id"], "logprob": t["logprob"],
@@ -114,8 +123,17 @@ def compare_f32(got, want):
     return diff, problems
 
 
+def agreement(got, want):
+    """(agreeing greedy steps, steps, first divergence) of two generations."""
+    ids, want_ids = [t["id"] for t in got["tokens"]], [t["id"] for t in want["tokens"]]
+    same = sum(a == b for a, b in zip(ids, want_ids))
+    first = next((i for i, (a, b) in enumerate(zip(ids, want_ids)) if a != b), None)
+    return same, len(want_ids), first
+
+
 def step_a(args, binary, work, device):
     log("(a) parity against the shipped CPU results")
+    fused = has_fused_attention(binary)
     cases = parity_cases(work, binary)
     if args.write_expected:
         expected = {name: generate(binary, m, fam, pr, "cpu", "f32") for name, m, fam, pr in cases}
@@ -124,7 +142,7 @@ def step_a(args, binary, work, device):
         return None
     expected = json.loads(EXPECTED.read_text())
     rows, ok = [], True
-    agree = total = 0
+    agree = total = fused_agree = fused_total = 0
     for name, model, family, pruned in cases:
         got = generate(binary, model, family, pruned, device, "f32")
         diff, problems = compare_f32(got, expected[name])
@@ -132,13 +150,25 @@ def step_a(args, binary, work, device):
         rows.append({"case": name, "dtype": "f32", "max_logprob_diff": diff, "problems": problems})
         if device != "cpu":
             half = generate(binary, model, family, pruned, device, "bf16")
-            ids = [t["id"] for t in half["tokens"]]
-            want = [t["id"] for t in expected[name]["tokens"]]
-            same = sum(a == b for a, b in zip(ids, want))
-            agree, total = agree + same, total + len(want)
-            first = next((i for i, (a, b) in enumerate(zip(ids, want)) if a != b), None)
-            rows.append({"case": name, "dtype": "bf16", "agreeing_steps": same, "steps": len(want),
+            same, steps, first = agreement(half, expected[name])
+            agree, total = agree + same, total + steps
+            rows.append({"case": name, "dtype": "bf16", "agreeing_steps": same, "steps": steps,
                          "first_divergence": first})
+            if fused:
+                # The fused kernels against the eager path on the same GPU and dtype.
+                eager = generate(binary, model, family, pruned, device, "bf16", EAGER)
+                same, steps, first = agreement(half, eager)
+                fused_agree, fused_total = fused_agree + same, fused_total + steps
+                rows.append({"case": name, "dtype": "bf16 fused vs eager", "agreeing_steps": same,
+                             "steps": steps, "first_divergence": first})
+        elif name == cases[0][0]:
+            # Dry run: nothing is fused on the CPU, so the eager switch must change nothing; this
+            # keeps the plumbing of the comparison above exercised.
+            eager = generate(binary, model, family, pruned, device, "f32", EAGER)
+            diff, problems = compare_f32(eager, got)
+            ok &= not problems and diff == 0.0
+            rows.append({"case": name + " (FITPRUNE_ATTENTION=eager)", "dtype": "f32",
+                         "max_logprob_diff": diff, "problems": problems})
     # The comparator must be able to fail: a copy nudged past the tolerance has to be caught.
     name = cases[0][0]
     nudged = json.loads(json.dumps(expected[name]))
@@ -152,7 +182,12 @@ def step_a(args, binary, work, device):
         bf16 = {"agreeing_steps": agree, "steps": total, "agreement": agree / total,
                 "ok": agree / total >= BF16_AGREEMENT}
         ok &= bf16["ok"]
-    return {"ok": ok, "rows": rows, "bf16": bf16,
+    fused_vs_eager = None
+    if fused_total:
+        fused_vs_eager = {"agreeing_steps": fused_agree, "steps": fused_total,
+                          "agreement": fused_agree / fused_total, "ok": fused_agree / fused_total >= BF16_AGREEMENT}
+        ok &= fused_vs_eager["ok"]
+    return {"ok": ok, "rows": rows, "bf16": bf16, "fused_attention": fused, "bf16_fused_vs_eager": fused_vs_eager,
             "note": None if device != "cpu" else "dry run: CPU f32 against the shipped CPU results; bf16 needs CUDA"}
 
 
@@ -186,9 +221,15 @@ def step_b(args, binary, work, device, dtype):
     run([binary, "bench", *common, "--budgets", "0.5", "--concurrency", conc, "--json", conc_json])
     prefill = json.loads(prefill_json.read_text())
     concurrency = json.loads(conc_json.read_text())
+    eager = None
+    if has_fused_attention(binary):
+        # The same bench with the fused kernels off: what they buy, side by side.
+        eager_json = work / "bench-prefill-eager.json"
+        run([binary, "bench", *common, "--budgets", "0.5", "--batch", 0, "--json", eager_json], EAGER)
+        eager = json.loads(eager_json.read_text())
     weight_bytes = decoder_weight_bytes(model)
     roofline = H200_BANDWIDTH / weight_bytes if not args.dry_run else None
-    return {"model": str(model), "prefill": prefill, "concurrency": concurrency,
+    return {"model": str(model), "prefill": prefill, "concurrency": concurrency, "prefill_eager": eager,
             "decoder_weight_bytes": weight_bytes, "roofline_tokens_per_s": roofline}
 
 
@@ -228,6 +269,14 @@ def summarise(a, b, c, dry_run):
     if b["roofline_tokens_per_s"] and decode:
         s["roofline_fraction"] = decode / b["roofline_tokens_per_s"]
         s["target_roofline_ge_0.7"] = s["roofline_fraction"] >= 0.7
+    eager = b.get("prefill_eager")
+    if eager and base:
+        e = {r["budget"]: r for r in eager["prefill"]}
+        if 0.0 in e:
+            s["ttft_fused_vs_eager"] = base["ttft_s"] / e[0.0]["ttft_s"]
+            s["decode_fused_vs_eager"] = decode / e[0.0]["decode_tokens_per_s"]
+        if half and 0.5 in e:
+            s["ttft_0.5_fused_vs_eager"] = half["ttft_s"] / e[0.5]["ttft_s"]
     if single:
         s["engine_single_stream_tokens_per_s"] = single["aggregate_decode_tokens_per_s"]
     if c.get("ok") and base:
@@ -248,7 +297,7 @@ def markdown(report):
              f"{'dry run' if s['dry_run'] else 'GPU run'})", "",
              f"Parity: {'PASS' if a['ok'] else 'FAIL'}", "", "| case | dtype | result |", "|---|---|---|"]
     for r in a["rows"]:
-        if r["dtype"] == "f32":
+        if r["dtype"] == "f32" or "max_logprob_diff" in r:
             res = f"max logprob diff {r['max_logprob_diff']:.2e}" + ("; " + "; ".join(r["problems"]) if r["problems"] else "")
         else:
             res = f"{r['agreeing_steps']}/{r['steps']} greedy steps agree (first divergence: {r['first_divergence']})"

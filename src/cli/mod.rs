@@ -15,9 +15,18 @@ use clap::{Parser, Subcommand};
 
 pub use input::{load_image, parse_device, parse_dtype};
 
+/// The version line, with the accelerator backends built in (the device check reads it).
+const VERSION: &str = if cfg!(feature = "flash-attn") {
+    concat!(env!("CARGO_PKG_VERSION"), " (backends: cpu, cuda, flash-attn)")
+} else if cfg!(feature = "cuda") {
+    concat!(env!("CARGO_PKG_VERSION"), " (backends: cpu, cuda)")
+} else {
+    concat!(env!("CARGO_PKG_VERSION"), " (backends: cpu)")
+};
+
 /// fitprune: LLaVA inference with FitPrune visual-token pruning.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = VERSION, about)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
 use super::dense::Dense;
+use super::fused_attn;
 
 use super::config::TextConfig;
 use super::Result;
@@ -321,18 +322,27 @@ impl Attention {
         Ok((q, k, v))
     }
 
-    /// Attention of `q` over keys/values `k`, `v` under an additive `mask` (broadcast to
-    /// (batch, heads, rows, keys)): the output before `o_proj`, (batch, rows, heads * head_dim),
-    /// and optionally the probabilities (batch, heads, rows, keys) in f32.
+    /// Attention of `q` over keys/values `k`, `v` with the key visibility `vis`: the output
+    /// before `o_proj`, (batch, rows, heads * head_dim), and optionally the probabilities (batch,
+    /// heads, rows, keys) in f32. Without probabilities a fused kernel runs where one applies
+    /// (`fused_attn`); the additive mask is only built for the eager path.
     pub(super) fn attend_keys(
         &self,
         q: &Tensor,
         k: Tensor,
         v: Tensor,
-        mask: Option<&Tensor>,
+        vis: &Visibility<'_>,
         want_probs: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if !want_probs && fused_attn::applies(q) {
+            if let Some(shape) = fused_attn::fused_mask(vis.rows, vis.keys, vis.window) {
+                if let Some(out) = fused_attn::attend(q, &k, &v, shape, scale)? {
+                    return Ok((out, None));
+                }
+            }
+        }
+        let mask = vis.mask(q.device())?;
         // The CPU kernel where it applies (f32); the composite below elsewhere (CUDA, f16/bf16).
         if let Some(done) = super::attn_cpu::attend(q, &k, &v, mask, scale, want_probs)? {
             return Ok(done);
@@ -352,6 +362,18 @@ impl Attention {
         Ok((out, want_probs.then_some(probs)))
     }
 
+    /// Packed sequences' self-attention in one fused varlen call (`fused_attn::attend_packed`):
+    /// (1, total, heads * head_dim), or `None` where no fused kernel applies.
+    pub(super) fn attend_packed(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        starts: &Tensor,
+        max_len: usize,
+        shape: fused_attn::FusedMask,
+    ) -> Result<Option<Tensor>> {
+        fused_attn::attend_packed(q, k, v, starts, max_len, shape, 1.0 / (self.head_dim as f64).sqrt())
+    }
+
     /// One sequence's attention for a step: appends the step's keys/values to `cache` and
     /// attends over everything cached.
     fn attend(
@@ -365,14 +387,15 @@ impl Attention {
         let (k, v) = cache.append(k, v, &step.positions)?;
         // A layer whose cache held nothing before this pass sees exactly the step's rows as keys,
         // so it can share the step's mask; otherwise its own cached positions matter.
-        let own_mask;
-        let mask = if cache.len() == step.positions.len() {
-            step.self_mask()?
-        } else {
-            own_mask = position_mask(&step.positions, cache.positions(), step.window, x.device())?;
-            own_mask.as_ref()
+        let own = std::cell::OnceCell::new();
+        let shares = cache.len() == step.positions.len();
+        let vis = Visibility {
+            rows: &step.positions,
+            keys: cache.positions(),
+            window: step.window,
+            built: if shares { &step.mask } else { &own },
         };
-        self.attend_keys(&q, k, v, mask, want_probs)
+        self.attend_keys(&q, k, v, &vis, want_probs)
     }
 }
 
@@ -400,13 +423,29 @@ impl Step {
     fn new(positions: Vec<u32>, window: Option<u32>, cos: Tensor, sin: Tensor) -> Self {
         Self { positions, window, cos, sin, mask: std::cell::OnceCell::new() }
     }
+}
 
-    fn self_mask(&self) -> Result<Option<&Tensor>> {
-        if self.mask.get().is_none() {
-            let m = position_mask(&self.positions, &self.positions, self.window, self.cos.device())?;
-            let _ = self.mask.set(m);
-        }
-        Ok(self.mask.get().and_then(Option::as_ref))
+/// Which keys the query rows of one attend call may see, by position ([`position_mask`]'s
+/// rule). The additive mask is built in `built` when the eager path first needs it, so callers
+/// that attend with the same positions at every layer share one.
+pub(super) struct Visibility<'a> {
+    pub(super) rows: &'a [u32],
+    pub(super) keys: &'a [u32],
+    pub(super) window: Option<u32>,
+    pub(super) built: &'a std::cell::OnceCell<Option<Tensor>>,
+}
+
+impl Visibility<'_> {
+    /// The additive (rows, keys) mask, `None` where every key is visible.
+    pub(super) fn mask(&self, device: &Device) -> Result<Option<&Tensor>> {
+        let built = match self.built.get() {
+            Some(m) => m,
+            None => {
+                let m = position_mask(self.rows, self.keys, self.window, device)?;
+                self.built.get_or_init(|| m)
+            }
+        };
+        Ok(built.as_ref())
     }
 }
 

@@ -8,9 +8,12 @@
 //! attention is exactly what it computes alone and no (batch × rows × rows) tensor exists. After
 //! a layer prunes, one gather keeps every sequence's surviving rows, still packed.
 
+use std::cell::OnceCell;
+
 use candle_core::{Device, Module, Tensor};
 
-use super::llama::{check_keep, position_mask, DecoderHook, DecoderOutput, KvCache, Llama};
+use super::fused_attn::{self, FusedMask};
+use super::llama::{check_keep, DecoderHook, DecoderOutput, KvCache, Llama, Visibility};
 use super::{ModelError, Result};
 
 /// One sequence of a batched prefill.
@@ -31,8 +34,12 @@ struct Packing {
     positions: Vec<Vec<u32>>,
     /// First packed row of each sequence.
     offsets: Vec<usize>,
-    /// Each sequence's causal mask over its own rows (`None`: not built yet, or none needed).
-    masks: Vec<Option<Option<Tensor>>>,
+    /// Each sequence's causal mask over its own rows, built when the eager path first needs it
+    /// and kept until its rows change.
+    masks: Vec<OnceCell<Option<Tensor>>>,
+    /// The sequences' first rows and the end, on the device, for a varlen kernel (built on
+    /// first use, like the masks).
+    starts: OnceCell<Tensor>,
 }
 
 impl Packing {
@@ -45,21 +52,50 @@ impl Packing {
                 Some(at)
             })
             .collect();
-        let masks = positions.iter().map(|_| None).collect();
-        Self { positions, offsets, masks }
+        let masks = positions.iter().map(|_| OnceCell::new()).collect();
+        Self { positions, offsets, masks, starts: OnceCell::new() }
+    }
+
+    /// [`fused_attn::cumulative_lengths`] of the sequences on `device`, and the longest.
+    fn starts(&self, device: &Device) -> Result<(&Tensor, usize)> {
+        let lens: Vec<usize> = self.positions.iter().map(Vec::len).collect();
+        let starts = match self.starts.get() {
+            Some(t) => t,
+            None => {
+                let t = Tensor::new(fused_attn::cumulative_lengths(&lens).as_slice(), device)?;
+                self.starts.get_or_init(|| t)
+            }
+        };
+        Ok((starts, lens.into_iter().max().unwrap_or(0)))
     }
 
     fn all_positions(&self) -> Vec<u32> {
         self.positions.concat()
     }
 
-    /// Sequence i's mask, built on first use and kept until its rows change.
-    fn mask(&mut self, i: usize, window: Option<u32>, device: &Device) -> Result<Option<Tensor>> {
-        if self.masks[i].is_none() {
-            let p = &self.positions[i];
-            self.masks[i] = Some(position_mask(p, p, window, device)?);
+    /// Sequence i's rows attending over themselves.
+    fn visibility(&self, i: usize, window: Option<u32>) -> Visibility<'_> {
+        let p = &self.positions[i];
+        Visibility { rows: p, keys: p, window, built: &self.masks[i] }
+    }
+
+    /// The one fused mask shape every sequence's self-attention has, if they share one: then a
+    /// single varlen call can attend for all of them.
+    fn shared_fused_mask(&self, window: Option<u32>) -> Option<FusedMask> {
+        let mut shared = None;
+        for p in &self.positions {
+            let shape = fused_attn::fused_mask(p, p, window)?;
+            // A one-row sequence sees its one key under any shape.
+            if p.len() == 1 {
+                continue;
+            }
+            match shared {
+                None => shared = Some(shape),
+                Some(s) if s == shape => {}
+                Some(_) => return None,
+            }
         }
-        Ok(self.masks[i].clone().flatten())
+        Some(shared.unwrap_or(FusedMask::Full))
     }
 }
 
@@ -93,15 +129,30 @@ impl Llama {
         for (l, layer) in self.layers.iter().enumerate() {
             let normed = layer.input_layernorm.forward(&x)?;
             let (q, k, v) = layer.self_attn.project(&normed, &cos, &sin)?;
-            let mut outs = Vec::with_capacity(seqs.len());
             let mut keep: Vec<Option<Vec<u32>>> = vec![None; seqs.len()];
+            let want: Vec<bool> = seqs.iter().map(|s| s.hook.wants_attention(l)).collect();
+            // With no probabilities wanted, one varlen kernel call attends for every sequence
+            // (the caches are empty, so each sequence's keys are exactly its packed rows).
+            let shared = (!want.contains(&true) && fused_attn::applies(&q))
+                .then(|| packing.shared_fused_mask(self.window))
+                .flatten();
+            let packed = match shared {
+                Some(shape) => {
+                    let (starts, max_len) = packing.starts(&device)?;
+                    layer.self_attn.attend_packed((&q, &k, &v), starts, max_len, shape)?
+                }
+                None => None,
+            };
+            let mut outs = Vec::with_capacity(seqs.len());
             for (i, s) in seqs.iter_mut().enumerate() {
                 let (at, rows) = (packing.offsets[i], packing.positions[i].len());
                 let own = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, at, rows)?.contiguous()?) };
                 let (k, v) = s.cache.layers[l].append(own(&k)?, own(&v)?, &packing.positions[i])?;
-                let want = s.hook.wants_attention(l);
-                let mask = packing.mask(i, self.window, &device)?;
-                let (out, probs) = layer.self_attn.attend_keys(&own(&q)?, k, v, mask.as_ref(), want)?;
+                if packed.is_some() {
+                    continue;
+                }
+                let vis = packing.visibility(i, self.window);
+                let (out, probs) = layer.self_attn.attend_keys(&own(&q)?, k, v, &vis, want[i])?;
                 if let Some(probs) = probs {
                     if let Some(k) = s.hook.on_attention(l, &probs, &packing.positions[i])? {
                         check_keep(&k, rows)?;
@@ -110,7 +161,10 @@ impl Llama {
                 }
                 outs.push(out);
             }
-            let attn = Tensor::cat(&outs, 1)?;
+            let attn = match packed {
+                Some(attn) => attn,
+                None => Tensor::cat(&outs, 1)?,
+            };
             let (residual, attn) = if keep.iter().any(Option::is_some) {
                 let mut index = Vec::new();
                 let mut positions = Vec::with_capacity(seqs.len());

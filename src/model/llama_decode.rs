@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Module, Tensor};
 
-use super::llama::{position_mask, KvCache, Llama};
+use super::llama::{KvCache, Llama, Visibility};
 use super::{ModelError, Result};
 
 impl Llama {
@@ -47,11 +47,14 @@ impl Llama {
                 let (k, v) = layer_cache.append(own(&k)?, own(&v)?, &positions[i..i + 1])?;
                 // Every cached key sits at or before the new token's position, so only a sliding
                 // window (Mistral) can hide keys: those W or more positions back.
-                let mask = match self.window {
-                    Some(_) => position_mask(&positions[i..i + 1], layer_cache.positions(), self.window, &device)?,
-                    None => None,
+                let built = std::cell::OnceCell::new();
+                let vis = Visibility {
+                    rows: &positions[i..i + 1],
+                    keys: layer_cache.positions(),
+                    window: self.window,
+                    built: &built,
                 };
-                let (out, _) = layer.self_attn.attend_keys(&own(&q)?, k, v, mask.as_ref(), false)?;
+                let (out, _) = layer.self_attn.attend_keys(&own(&q)?, k, v, &vis, false)?;
                 outs.push(out);
             }
             let attn = Tensor::cat(&outs, 1)?;

@@ -10,7 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use super::config::TextConfig;
-use super::llama::{DecoderHook, KvCache, Llama, NoHook};
+use super::llama::{DecoderHook, DecoderOutput, KvCache, Llama, NoHook};
 use super::llama_batch::BatchSequence;
 use super::Result;
 
@@ -19,10 +19,10 @@ const HEADS: usize = 4;
 const KV_HEADS: usize = 2;
 const HEAD_DIM: usize = HIDDEN / HEADS;
 const INTER: usize = 48;
-const LAYERS: usize = 3;
+pub(super) const LAYERS: usize = 3;
 const VOCAB: usize = 40;
 
-fn cfg() -> TextConfig {
+pub(super) fn cfg() -> TextConfig {
     serde_json::from_value(serde_json::json!({
         "hidden_size": HIDDEN, "intermediate_size": INTER, "num_hidden_layers": LAYERS,
         "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB,
@@ -31,7 +31,7 @@ fn cfg() -> TextConfig {
     .unwrap()
 }
 
-fn weights() -> HashMap<String, Tensor> {
+pub(super) fn weights() -> HashMap<String, Tensor> {
     let mut rng = ChaCha8Rng::seed_from_u64(42);
     let mut w = HashMap::new();
     let mut put = |name: String, shape: &[usize], std: f32, mean: f32| {
@@ -58,12 +58,12 @@ fn weights() -> HashMap<String, Tensor> {
     w
 }
 
-fn model(w: &HashMap<String, Tensor>) -> Llama {
+pub(super) fn model(w: &HashMap<String, Tensor>) -> Llama {
     let vb = VarBuilder::from_tensors(w.clone(), DType::F32, &Device::Cpu);
     Llama::load(vb.clone(), Some(vb.pp("lm_head")), &cfg()).unwrap()
 }
 
-fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+pub(super) fn rows(t: &Tensor) -> Vec<Vec<f32>> {
     t.to_vec2::<f32>().unwrap()
 }
 
@@ -165,10 +165,10 @@ fn reference(
 }
 
 /// Prunes to fixed rows at one layer and records the probabilities it was shown.
-struct FixedPrune {
-    layer: usize,
-    keep: Vec<u32>,
-    seen: Option<Tensor>,
+pub(super) struct FixedPrune {
+    pub(super) layer: usize,
+    pub(super) keep: Vec<u32>,
+    pub(super) seen: Option<Tensor>,
 }
 
 impl DecoderHook for FixedPrune {
@@ -181,7 +181,7 @@ impl DecoderHook for FixedPrune {
     }
 }
 
-fn assert_close(a: &[Vec<f32>], b: &[Vec<f32>], tol: f32) {
+pub(super) fn assert_close(a: &[Vec<f32>], b: &[Vec<f32>], tol: f32) {
     assert_eq!(a.len(), b.len());
     for (ra, rb) in a.iter().zip(b) {
         for (x, y) in ra.iter().zip(rb) {
@@ -190,13 +190,13 @@ fn assert_close(a: &[Vec<f32>], b: &[Vec<f32>], tol: f32) {
     }
 }
 
-fn embeds(w: &HashMap<String, Tensor>, ids: &[u32]) -> (Tensor, Vec<Vec<f32>>) {
+pub(super) fn embeds(w: &HashMap<String, Tensor>, ids: &[u32]) -> (Tensor, Vec<Vec<f32>>) {
     let e = w["embed_tokens.weight"].index_select(&Tensor::new(ids, &Device::Cpu).unwrap(), 0).unwrap();
     let r = rows(&e);
     (e.unsqueeze(0).unwrap(), r)
 }
 
-const IDS: [u32; 9] = [1, 5, 7, 7, 7, 7, 12, 3, 9];
+pub(super) const IDS: [u32; 9] = [1, 5, 7, 7, 7, 7, 12, 3, 9];
 
 #[test]
 fn unpruned_forward_matches_reference_and_exposes_probabilities() {
@@ -269,41 +269,57 @@ fn forward_rejects_mismatched_positions() {
 }
 
 /// One sequence of the batch tests: ids and the rows to keep at a layer (or no pruning).
-struct Case {
-    ids: Vec<u32>,
-    prune: Option<(usize, Vec<u32>)>,
+pub(super) struct Case {
+    pub(super) ids: Vec<u32>,
+    pub(super) prune: Option<(usize, Vec<u32>)>,
 }
 
-fn hook(c: &Case) -> FixedPrune {
+pub(super) fn hook(c: &Case) -> FixedPrune {
     match &c.prune {
         Some((layer, keep)) => FixedPrune { layer: *layer, keep: keep.clone(), seen: None },
         None => FixedPrune { layer: usize::MAX, keep: Vec::new(), seen: None },
     }
 }
 
-#[test]
-fn batched_prefill_matches_each_sequence_alone_and_decodes_from_its_caches() {
-    let w = weights();
-    let m = model(&w);
-    let cases = [
+/// Three prompts of different lengths: one pruned at layer 1, one unpruned, one pruned at layer 0.
+pub(super) fn mixed_cases() -> [Case; 3] {
+    [
         Case { ids: IDS.to_vec(), prune: Some((1, vec![0, 1, 3, 6, 7, 8])) },
         Case { ids: vec![4, 2, 9, 1, 3], prune: None },
         Case { ids: vec![8, 8, 3, 1, 0, 5, 2], prune: Some((0, vec![0, 2, 3, 6])) },
-    ];
+    ]
+}
+
+/// Prefills `cases` in one batch from empty caches: the outputs, the caches it filled and the
+/// hooks (with what they saw).
+pub(super) fn prefill_batch(
+    m: &Llama,
+    w: &HashMap<String, Tensor>,
+    cases: &[Case],
+) -> (Vec<DecoderOutput>, Vec<KvCache>, Vec<FixedPrune>) {
     let mut caches: Vec<KvCache> = cases.iter().map(|_| KvCache::new(LAYERS)).collect();
     let mut hooks: Vec<FixedPrune> = cases.iter().map(hook).collect();
     let mut seqs: Vec<BatchSequence> = cases
         .iter()
         .zip(caches.iter_mut().zip(hooks.iter_mut()))
         .map(|(c, (cache, hook))| BatchSequence {
-            embeds: embeds(&w, &c.ids).0,
+            embeds: embeds(w, &c.ids).0,
             positions: (0..c.ids.len() as u32).collect(),
             cache,
             hook,
         })
         .collect();
-    let batched = m.forward_batch(&mut seqs).unwrap();
+    let outs = m.forward_batch(&mut seqs).unwrap();
     drop(seqs);
+    (outs, caches, hooks)
+}
+
+#[test]
+fn batched_prefill_matches_each_sequence_alone_and_decodes_from_its_caches() {
+    let w = weights();
+    let m = model(&w);
+    let cases = mixed_cases();
+    let (batched, mut caches, hooks) = prefill_batch(&m, &w, &cases);
     for (i, c) in cases.iter().enumerate() {
         let mut cache = KvCache::new(LAYERS);
         let mut alone = hook(c);
@@ -385,11 +401,7 @@ fn batched_decode_matches_each_sequence_alone_over_caches_of_different_lengths()
     let m = model(&w);
     // Different prompt lengths, pruned at different layers, one unpruned: after prefill the
     // caches differ per sequence and per layer.
-    let cases = [
-        Case { ids: IDS.to_vec(), prune: Some((1, vec![0, 1, 3, 6, 7, 8])) },
-        Case { ids: vec![4, 2, 9, 1, 3], prune: None },
-        Case { ids: vec![8, 8, 3, 1, 0, 5, 2], prune: Some((0, vec![0, 2, 3, 6])) },
-    ];
+    let cases = mixed_cases();
     let prefill = |c: &Case| {
         let mut cache = KvCache::with_growth(LAYERS, 4);
         let pos: Vec<u32> = (0..c.ids.len() as u32).collect();

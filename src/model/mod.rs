@@ -12,6 +12,7 @@ pub mod demo_hr;
 pub mod demo_tokenizer;
 mod dense;
 pub mod fingerprint;
+mod fused_attn;
 mod gated_mlp;
 mod hr;
 pub mod hr_config;
@@ -77,5 +78,7 @@ pub enum ModelError {
 /// Result alias for the model layer.
 pub type Result<T> = std::result::Result<T, ModelError>;
 
+#[cfg(test)]
+mod fused_attn_model_tests;
 #[cfg(test)]
 mod llama_tests;
