@@ -351,7 +351,8 @@ impl Attention {
         let n_rep = self.heads / self.kv_heads;
         let k = candle_transformers::utils::repeat_kv(k, n_rep)?;
         let v = candle_transformers::utils::repeat_kv(v, n_rep)?;
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        // Scaled in f32: in bf16/f16 models only the product itself is rounded to the half type.
+        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
         let scores = match mask {
             Some(mask) => scores.broadcast_add(mask)?,
             None => scores,

@@ -98,8 +98,9 @@ impl Attention {
         if let Some((out, _)) = super::attn_cpu::attend(&q, &k, &v, None, scale, false)? {
             return self.out_proj.forward(&out);
         }
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(candle_core::DType::F32)?)?;
+        // Scaled and normalised in f32, as in the decoder.
+        let scores = (q.matmul(&k.t()?)?.to_dtype(candle_core::DType::F32)? * scale)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.to_dtype(v.dtype())?.matmul(&v)?.transpose(1, 2)?.reshape((b, s, d))?;
         self.out_proj.forward(&out)
     }
