@@ -8,7 +8,7 @@
 //!
 //! A fused kernel does not take our additive position mask: it takes a causal flag and a sliding
 //! window *by index*. [`fused_mask`] says when a position mask is exactly such a shape; the unit
-//! tests hold it against [`super::llama::position_mask`] element by element, including after
+//! tests hold it against [`super::visibility::position_mask`] element by element, including after
 //! pruning has left holes in the positions. Where it is not, the caller runs the eager path.
 //! On the CPU nothing here applies: the per-head kernel in `attn_cpu` already keeps each block's
 //! scores in a reused scratch buffer.

@@ -2,7 +2,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::super::llama::position_mask;
+use super::super::visibility::position_mask;
 use super::*;
 
 /// The position mask as a row-major vector, all zeros where it is `None` (nothing hidden).

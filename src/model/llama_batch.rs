@@ -13,7 +13,8 @@ use std::cell::OnceCell;
 use candle_core::{Device, Module, Tensor};
 
 use super::fused_attn::{self, FusedMask};
-use super::llama::{check_keep, DecoderHook, DecoderOutput, KvCache, Llama, Visibility};
+use super::llama::{check_keep, DecoderHook, DecoderOutput, KvCache, Llama};
+use super::visibility::Visibility;
 use super::{ModelError, Result};
 
 /// One sequence of a batched prefill.

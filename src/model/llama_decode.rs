@@ -9,7 +9,8 @@
 
 use candle_core::{DType, Module, Tensor};
 
-use super::llama::{KvCache, Llama, Visibility};
+use super::llama::{KvCache, Llama};
+use super::visibility::Visibility;
 use super::{ModelError, Result};
 
 impl Llama {

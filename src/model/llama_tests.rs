@@ -495,7 +495,7 @@ fn batched_decode_enforces_a_sliding_window_like_the_single_sequence_path() {
 
 #[test]
 fn device_mask_equals_the_rule_it_encodes() {
-    use super::llama::position_mask;
+    use super::visibility::position_mask;
     // Prefill rows with pruning gaps, decode rows, keys from a pruned cache; with and without a window.
     let cases: Vec<(Vec<u32>, Vec<u32>)> = vec![
         ((0..9).collect(), (0..9).collect()),

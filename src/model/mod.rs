@@ -29,6 +29,7 @@ pub mod projector;
 pub mod prompt;
 pub mod resample;
 pub mod source;
+mod visibility;
 pub mod vision;
 pub mod weights;
 
